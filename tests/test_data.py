@@ -1,0 +1,262 @@
+"""Input pipelines: the built-in digits, TFDS mock data, sharding, resume, errors."""
+
+import collections
+import itertools
+import math
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from lambda_jax.data import DatasetInfo, create_datasets
+from lambda_jax.data import builtin, input_pipeline, preprocessing
+
+
+def make_config(**overrides):
+    fields = dict(dataset="digits", data_dir=None, image_size=16, batch_size=32,
+                  eval_batch_size=64, num_workers=0)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """A data dir holding the prepared digits (prepared once for the module)."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    create_datasets(make_config(data_dir=str(data_dir)), seed=0)
+    return str(data_dir)
+
+
+def image_key(image: np.ndarray) -> bytes:
+    return np.ascontiguousarray(image).tobytes()
+
+
+def eval_keys_of_split(config, data_dir) -> collections.Counter:
+    """Every example of the digits test split, preprocessed for evaluation directly."""
+    source = builtin.Digits(data_dir=data_dir).as_data_source(split="test")
+    defaults = input_pipeline.DATASET_DEFAULTS["digits"]
+    return collections.Counter(
+        image_key(preprocessing.preprocess_for_eval(
+            source[i]["image"], augment="none", image_size=config.image_size,
+            mean=defaults.mean, std=defaults.std))
+        for i in range(len(source)))
+
+
+def test_digits_prepare_offline_into_data_dir(digits_dir):
+    train_loader, eval_fn, info = create_datasets(make_config(data_dir=digits_dir), seed=0)
+
+    assert info == DatasetInfo(num_classes=10, image_size=16, channels=1,
+                               num_train_examples=1437, num_eval_examples=360)
+    batch = next(iter(train_loader))
+    assert batch["image"].shape == (32, 16, 16, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    assert set(batch["label"]) <= set(range(10))
+    # Normalised with the digits' statistics: roughly zero mean, not yet clipped.
+    assert abs(float(batch["image"].mean())) < 0.3
+
+
+def test_digits_split_is_fixed_and_matches_sklearn(digits_dir):
+    builder = builtin.Digits(data_dir=digits_dir)
+    digits = load_digits()
+    split_indices = builtin.digits_split_indices()
+    assert np.array_equal(split_indices["test"], builtin.digits_split_indices()["test"])
+    assert len(np.intersect1d(split_indices["train"], split_indices["test"])) == 0
+    for split, expected in split_indices.items():
+        source = builder.as_data_source(split=split)
+        examples = [source[i] for i in range(len(source))]
+        indices = np.array([example["index"] for example in examples])
+        assert np.array_equal(np.sort(indices), expected)
+        for example in examples[:50]:
+            index = example["index"]
+            assert example["label"] == digits.target[index]
+            assert np.array_equal(example["image"][..., 0],
+                                  np.round(digits.images[index] * 255 / 16).astype(np.uint8))
+    # Every class is in the test split.
+    assert set(digits.target[split_indices["test"]]) == set(range(10))
+
+
+@pytest.mark.parametrize("num_hosts,eval_batch_size", [(1, 64), (3, 48)])
+def test_eval_counts_every_example_once(digits_dir, num_hosts, eval_batch_size):
+    config = make_config(data_dir=digits_dir, batch_size=48, eval_batch_size=eval_batch_size)
+    host_batch = eval_batch_size // num_hosts
+    counted = collections.Counter()
+    batches_per_host = []
+    for host in range(num_hosts):
+        _, eval_fn, _ = create_datasets(
+            config, seed=0, shard_options=grain.ShardOptions(host, num_hosts))
+        batches = list(eval_fn())
+        batches_per_host.append(len(batches))
+        for batch in batches:
+            assert batch["image"].shape == (host_batch, 16, 16, 1)
+            assert batch["mask"].shape == (host_batch,) and batch["mask"].dtype == np.float32
+            assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+            counted.update(image_key(image) for image, mask in zip(batch["image"], batch["mask"])
+                           if mask == 1)
+        # A fresh iterator starts again from the first batch.
+        assert np.array_equal(next(eval_fn())["image"], batches[0]["image"])
+    assert sum(counted.values()) == 360
+    assert counted == eval_keys_of_split(config, digits_dir)
+    # Every host runs the same number of evaluation steps (collectives stay in step).
+    assert len(set(batches_per_host)) == 1
+    assert batches_per_host[0] == math.ceil(math.ceil(360 / num_hosts) / host_batch)
+
+
+def test_train_shards_are_disjoint_and_cover_the_split(digits_dir):
+    num_hosts, host_batch = 3, 16
+    config = make_config(data_dir=digits_dir, batch_size=num_hosts * host_batch, eval_batch_size=48)
+    everything = collections.Counter()
+    for host in range(num_hosts):
+        options = grain.ShardOptions(host, num_hosts)
+        loader, _, _ = create_datasets(config, seed=7, shard_options=options)
+        start, end = input_pipeline.shard_bounds(1437, options)
+        batches = itertools.islice(iter(loader), math.ceil((end - start) / host_batch))
+        images = np.concatenate([batch["image"] for batch in batches])[:end - start]
+        # The first epoch of a host is its whole shard, each example once.
+        everything.update(image_key(image) for image in images)
+    source = builtin.Digits(data_dir=digits_dir).as_data_source(split="train")
+    defaults = input_pipeline.DATASET_DEFAULTS["digits"]
+    expected = collections.Counter(
+        image_key(preprocessing.preprocess_for_train(
+            source[i]["image"], np.random.default_rng(0), augment="none", image_size=16,
+            mean=defaults.mean, std=defaults.std))
+        for i in range(len(source)))
+    assert everything == expected
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_same_seed_same_batches_and_resume(digits_dir, tmp_path):
+    # 'cifar' augmentation is random: the batches depend on the per-record generators.
+    config = make_config(data_dir=digits_dir, augment="cifar", batch_size=16)
+    first = take(iter(create_datasets(config, seed=3)[0]), 3)
+    assert_same_batches(first, take(iter(create_datasets(config, seed=3)[0]), 3))
+    other = take(iter(create_datasets(config, seed=4)[0]), 1)
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+    iterator = iter(create_datasets(config, seed=3)[0])
+    take(iterator, 2)
+    state = iterator.get_state()
+    checkpointer = ocp.Checkpointer(grain.PyGrainCheckpointHandler())
+    checkpointer.save(tmp_path / "data", args=grain.PyGrainCheckpointSave(iterator))
+    expected = take(iterator, 2)
+
+    resumed = iter(create_datasets(config, seed=3)[0])
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 2), expected)
+
+    restored = iter(create_datasets(config, seed=3)[0])
+    checkpointer.restore(tmp_path / "data", args=grain.PyGrainCheckpointRestore(restored))
+    assert_same_batches(take(restored, 2), expected)
+
+
+@pytest.mark.parametrize("dataset,image_size,channels,num_classes", [
+    ("cifar10", 32, 3, 10),
+    ("imagenet2012", 40, 3, 1000),
+])
+def test_tfds_mock_data_batches(dataset, image_size, channels, num_classes):
+    config = make_config(dataset=dataset, image_size=image_size, batch_size=8,
+                         eval_batch_size=6)
+    with tfds.testing.mock_data(num_examples=20):
+        train_loader, eval_fn, info = create_datasets(config, seed=0)
+        batches = take(iter(train_loader), 3)
+        eval_batches = list(eval_fn())
+    assert info == DatasetInfo(num_classes=num_classes, image_size=image_size,
+                               channels=channels, num_train_examples=20,
+                               num_eval_examples=20)
+    for batch in batches:
+        assert batch["image"].shape == (8, image_size, image_size, channels)
+        assert batch["image"].dtype == np.float32 and np.isfinite(batch["image"]).all()
+        assert batch["label"].dtype == np.int32
+        assert ((0 <= batch["label"]) & (batch["label"] < num_classes)).all()
+    assert len(eval_batches) == 4
+    assert all(b["image"].shape == (6, image_size, image_size, channels) for b in eval_batches)
+    assert sum(float(b["mask"].sum()) for b in eval_batches) == 20
+
+
+def test_missing_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        create_datasets(make_config(dataset="cifar10", data_dir=str(tmp_path)), seed=0)
+    message = str(error.value)
+    assert "'cifar10'" in message and str(tmp_path) in message
+    assert "tfds build cifar10 --file_format=array_record" in message
+    assert "--config.data_dir" in message
+
+
+@pytest.mark.parametrize("overrides,shards,match", [
+    (dict(dataset="no_such_dataset"), 1, "Unknown data set 'no_such_dataset'"),
+    (dict(batch_size=10), 4, "batch_size=10 must be a positive multiple of the number of hosts"),
+    (dict(eval_batch_size=2), 4, "eval_batch_size=2 must be a positive multiple"),
+    (dict(image_size=0), 1, "image_size must be a positive integer"),
+    (dict(augment="autoaugment"), 1, "augment must be one of"),
+    (dict(num_workers=-1), 1, "num_workers must be >= 0"),
+])
+def test_bad_config_errors(digits_dir, overrides, shards, match):
+    config = make_config(data_dir=digits_dir, **overrides)
+    with pytest.raises(ValueError, match=match):
+        create_datasets(config, seed=0, shard_options=grain.ShardOptions(0, shards))
+
+
+def test_unknown_split_error(digits_dir):
+    with pytest.raises(ValueError, match="no split 'validation'.*'test', 'train'"):
+        create_datasets(make_config(data_dir=digits_dir, eval_split="validation"), seed=0)
+
+
+@pytest.mark.parametrize("shape", [(300, 200, 3), (17, 47, 3), (5, 5, 3), (8, 8, 1), (9, 6, 2)])
+def test_preprocessing_steps_give_the_requested_size(shape):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    channels = shape[-1]
+    for augment in input_pipeline.AUGMENTATIONS:
+        mean, std = (0.5,) * channels, (0.25,) * channels
+        train = preprocessing.preprocess_for_train(image, rng, augment=augment, image_size=24,
+                                                   mean=mean, std=std)
+        evaluated = preprocessing.preprocess_for_eval(image, augment=augment, image_size=24,
+                                                      mean=mean, std=std)
+        for output in (train, evaluated):
+            assert output.shape == (24, 24, channels) and output.dtype == np.float32
+            assert output.min() >= -2.0 and output.max() <= 2.0
+
+
+def test_random_steps_are_deterministic_given_the_generator():
+    image = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    crops = [preprocessing.random_resized_crop(image, np.random.default_rng(5), 32)
+             for _ in range(2)]
+    np.testing.assert_array_equal(*crops)
+    different = preprocessing.random_resized_crop(image, np.random.default_rng(6), 32)
+    assert not np.array_equal(crops[0], different)
+    flips = {preprocessing.random_flip(image, np.random.default_rng(seed))[0, 0].tobytes()
+             for seed in range(20)}
+    assert flips == {image[0, 0].tobytes(), image[0, -1].tobytes()}
+
+
+def test_central_crop_keeps_the_centre():
+    # A bright square in the centre of a dark image stays centred after the crop.
+    image = np.zeros((256, 320, 3), np.uint8)
+    image[108:148, 140:180] = 255
+    crop = preprocessing.central_crop_and_resize(image, 224)
+    assert crop.shape == (224, 224, 3)
+    ys, xs = np.nonzero(crop[..., 0] > 128)
+    assert abs(ys.mean() - 111.5) < 1.5 and abs(xs.mean() - 111.5) < 1.5
+
+
+def test_pad_and_random_crop_shifts_by_at_most_the_padding():
+    image = np.arange(1, 65, dtype=np.uint8).reshape(8, 8, 1)
+    for seed in range(10):
+        shifted = preprocessing.pad_and_random_crop(image, np.random.default_rng(seed), 4)
+        assert shifted.shape == image.shape
+        kept = shifted[shifted > 0]
+        assert len(kept) >= 16  # at least a 4x4 block of the original remains
+        assert np.all(np.diff(kept.reshape(-1)) > 0)  # in order, no wrap-around
