@@ -162,9 +162,29 @@ def test_same_seed_same_batches_and_resume(digits_dir, tmp_path):
     assert_same_batches(take(restored, 2), expected)
 
 
+@pytest.mark.slow
+def test_worker_processes_give_the_in_process_batches_and_resume(digits_dir):
+    config = make_config(data_dir=digits_dir, augment="cifar", batch_size=16, eval_batch_size=96)
+    in_process_loader, in_process_eval_fn, _ = create_datasets(config, seed=3)
+    in_process = take(iter(in_process_loader), 4)
+    config.num_workers = 1
+    loader, eval_fn, _ = create_datasets(config, seed=3)
+    iterator = iter(loader)
+    assert_same_batches(take(iterator, 2), in_process[:2])
+    state = iterator.get_state()
+    resumed = iter(create_datasets(config, seed=3)[0])
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 2), in_process[2:])
+    for batch, expected in zip(eval_fn(), in_process_eval_fn(), strict=True):
+        np.testing.assert_array_equal(batch["image"], expected["image"])
+        np.testing.assert_array_equal(batch["mask"], expected["mask"])
+
+
 @pytest.mark.parametrize("dataset,image_size,channels,num_classes", [
     ("cifar10", 32, 3, 10),
+    ("cifar100", 24, 3, 100),
     ("imagenet2012", 40, 3, 1000),
+    ("imagenette", 40, 3, 10),
 ])
 def test_tfds_mock_data_batches(dataset, image_size, channels, num_classes):
     config = make_config(dataset=dataset, image_size=image_size, batch_size=8,
@@ -207,6 +227,18 @@ def test_bad_config_errors(digits_dir, overrides, shards, match):
     config = make_config(data_dir=digits_dir, **overrides)
     with pytest.raises(ValueError, match=match):
         create_datasets(config, seed=0, shard_options=grain.ShardOptions(0, shards))
+
+
+def test_not_a_classification_data_set():
+    with tfds.testing.mock_data(num_examples=4):
+        with pytest.raises(ValueError, match="needs an 'image' and a class 'label'"):
+            create_datasets(make_config(dataset="lfw"), seed=0)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 0.5])
+def test_bad_seed(digits_dir, seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        create_datasets(make_config(data_dir=digits_dir), seed=seed)
 
 
 def test_unknown_split_error(digits_dir):

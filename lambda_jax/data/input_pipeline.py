@@ -28,8 +28,10 @@ TensorFlow is needed to train.
 
 import dataclasses
 import math
+import numbers
 
 import chex
+from absl import flags
 import grain.python as grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -188,10 +190,11 @@ def _builder(name: str, data_dir):
             f"one of {sorted(set(DATASET_DEFAULTS) - {'digits'})}, or another TFDS "
             f"image-classification name.") from error
     features = builder.info.features
-    if "image" not in features or "label" not in features:
+    if ("image" not in features or "label" not in features
+            or not isinstance(features["label"], tfds.features.ClassLabel)):
         raise ValueError(
-            f"The data set {name!r} has features {sorted(features)}; an image "
-            f"classification data set needs 'image' and 'label'.")
+            f"The data set {name!r} has features {dict(features)}; an image "
+            f"classification data set needs an 'image' and a class 'label'.")
     return builder
 
 
@@ -241,7 +244,7 @@ def _check_config(config, process_count: int, seed: int):
                          f"data set's default), got {augment!r}.")
     if config.get("num_workers", 0) < 0:
         raise ValueError(f"config.num_workers must be >= 0, got {config.num_workers}.")
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
 
 
@@ -280,11 +283,15 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
                  image_size=config.image_size, channels=channels, mean=defaults.mean,
                  std=defaults.std)
     num_workers = config.get("num_workers", 0)
+    if num_workers and not flags.FLAGS.is_parsed():
+        # grain 0.2.18's worker processes read one of its absl flags and fail when no
+        # absl program parsed them (a notebook, a test): use the flags' defaults.
+        flags.FLAGS.mark_as_parsed()
 
     train_loader = grain.DataLoader(
         data_source=train_source,
         sampler=grain.IndexSampler(len(train_source), shard_options=shard_options,
-                                   shuffle=True, num_epochs=None, seed=seed),
+                                   shuffle=True, num_epochs=None, seed=int(seed)),
         operations=[TrainPreprocess(**steps),
                     grain.Batch(config.batch_size // process_count, drop_remainder=True)],
         worker_count=num_workers,
