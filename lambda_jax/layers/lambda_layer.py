@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lambda_jax.layers import causal as causal_lib
 from lambda_jax.layers import position as position_lib
 
 POSITIONS = ("global", "local", "none")
@@ -49,7 +50,14 @@ class LambdaLayer(nn.Module):
       dim_u: intra-depth u.
       position: ``"global"``, ``"local"`` or ``"none"`` (content lambda only).
       receptive_field: scope r of the lambda convolution (odd, ``position="local"``).
-      use_batchnorm: batch norm on queries and values.
+      use_batchnorm: normalise queries and values: batch norm, or layer norm over the
+        channels of each position when ``causal`` (batch statistics over positions would
+        leak the future into the past during training).
+      causal: masked lambdas for sequences (``position="none"`` or ``"local"``): query n
+        sees only context positions ``m <= n``; the keys' softmax is normalised over the
+        visible prefix, and the local scope is the r positions ending at n (the kernel's
+        index j holds the offset ``j - (r - 1)``). Decode step by step with
+        ``init_decode_state`` and ``decode_state=``.
       axis_name: mapped axis over which batch-norm statistics are averaged
         (cross-device batch norm under ``pmap``/``shard_map``).
       bn_momentum: momentum of the batch-norm running statistics.
@@ -65,6 +73,7 @@ class LambdaLayer(nn.Module):
     position: str = "global"
     receptive_field: int = 23
     use_batchnorm: bool = True
+    causal: bool = False
     axis_name: Optional[Any] = None
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -84,11 +93,21 @@ class LambdaLayer(nn.Module):
                 f"LambdaLayer.position must be one of {POSITIONS}, got {self.position!r}."
             )
         if self.position == "local" and (
-            self.receptive_field < 1 or self.receptive_field % 2 == 0
+            self.receptive_field < 1 or (self.receptive_field % 2 == 0 and not self.causal)
         ):
             raise ValueError(
                 "LambdaLayer.receptive_field must be a positive odd number for "
-                f"position='local', got {self.receptive_field}."
+                f"position='local' (any positive number when causal), got "
+                f"{self.receptive_field}."
+            )
+        if self.causal and self.position == "global":
+            raise ValueError(
+                "LambdaLayer.causal supports position='none' or 'local', got 'global'."
+            )
+        if self.causal and x.ndim != 3:
+            raise ValueError(
+                "LambdaLayer.causal needs sequences [batch, length, channels]; got an input "
+                f"of shape {x.shape}."
             )
         if x.ndim not in (3, 4, 5):
             raise ValueError(
@@ -122,21 +141,86 @@ class LambdaLayer(nn.Module):
             name=name,
         )
 
+    def _norm(self, name: str, train: bool) -> nn.Module:
+        if self.causal:
+            # Batch statistics over positions would let the future shift the past.
+            return nn.LayerNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name=name)
+        return self._batch_norm(name, train)
+
+    def _check_context(self, x: jax.Array, context: jax.Array) -> None:
+        if context.ndim != x.ndim:
+            raise ValueError(
+                f"LambdaLayer context must have the input's rank: input {x.shape}, "
+                f"context {context.shape}."
+            )
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"LambdaLayer context must have the input's batch size: input {x.shape}, "
+                f"context {context.shape}."
+            )
+        if (self.position != "none" or self.causal) and context.shape[1:-1] != x.shape[1:-1]:
+            raise ValueError(
+                f"LambdaLayer with position={self.position!r}"
+                f"{' and causal=True' if self.causal else ''} needs a context with the "
+                f"input's positions: input {x.shape}, context {context.shape}. Use "
+                "position='none' for a context of another size."
+            )
+
+    def init_decode_state(self, batch_size: int) -> causal_lib.DecodeState:
+        """The decoding state before the first position of a causal layer.
+
+        Args:
+          batch_size: number of sequences decoded together.
+
+        Returns:
+          A ``DecodeState`` for ``apply(variables, x_t, decode_state=state)``.
+        """
+        if not self.causal:
+            raise ValueError("LambdaLayer.init_decode_state needs causal=True.")
+        window = self.receptive_field - 1 if self.position == "local" else 0
+        dtype = self.dtype if self.dtype is not None else self.param_dtype
+        return causal_lib.init_decode_state(
+            batch_size, self.dim_k, self.dim_u, self.dim_out // self.heads, window, dtype)
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        context: Optional[jax.Array] = None,
+        train: bool = False,
+        decode_state: Optional[causal_lib.DecodeState] = None,
+    ):
         """Applies the layer.
 
         Args:
-          x: ``[batch, *spatial, channels]`` with 1 to 3 spatial axes.
+          x: ``[batch, *spatial, channels]`` with 1 to 3 spatial axes: the queries' input.
+          context: ``[batch, *context_spatial, context_channels]``, the keys' and values'
+            input (default: ``x``). Same rank as ``x``; with position lambdas or
+            ``causal=True`` it must have the positions of ``x``.
           train: batch norm uses batch statistics (and updates ``batch_stats``) when True.
+          decode_state: for a causal layer, the state from ``init_decode_state`` or from the
+            previous step; ``x`` is then one position ``[batch, 1, channels]``.
 
         Returns:
-          ``[batch, *spatial, dim_out]``.
+          ``[batch, *spatial, dim_out]``; with ``decode_state``, the pair
+          ``([batch, 1, dim_out], next DecodeState)``.
         """
         self._check_settings(x)
+        if context is None:
+            context = x
+        else:
+            self._check_context(x, context)
+        if decode_state is not None and not (self.causal and x.shape[1] == 1):
+            raise ValueError(
+                "LambdaLayer decode_state needs causal=True and one position per step, "
+                f"[batch, 1, channels]; got causal={self.causal} and input {x.shape}."
+            )
         batch, *spatial, channels = x.shape
         spatial = tuple(spatial)
+        context_spatial = tuple(context.shape[1:-1])
         n = math.prod(spatial)
+        m = math.prod(context_spatial)
         h, k, u = self.heads, self.dim_k, self.dim_u
         v = self.dim_out // h
 
@@ -150,39 +234,55 @@ class LambdaLayer(nn.Module):
                 name=name,
             )
 
+        context_channels = context.shape[-1]
         queries = projection(k * h, (k * channels) ** -0.5, "query", self.dtype)(x)
-        values = projection(v * u, channels**-0.5, "value", self.dtype)(x)
+        values = projection(v * u, context_channels**-0.5, "value", self.dtype)(context)
         if self.use_batchnorm:
-            queries = self._batch_norm("query_norm", train)(queries)
-            values = self._batch_norm("value_norm", train)(values)
+            queries = self._norm("query_norm", train)(queries)
+            values = self._norm("value_norm", train)(values)
         compute_dtype = queries.dtype
         accumulate = position_lib.accumulation_dtype(compute_dtype)
         # The keys are softmax logits: a bfloat16 rounding of large keys would change
         # which positions the softmax selects, so they are projected in float32.
-        keys = projection(k * u, channels**-0.5, "key", accumulate)(x)
+        keys = projection(k * u, context_channels**-0.5, "key", accumulate)(context)
 
         queries = queries.reshape(batch, n, h, k)
-        keys = keys.reshape(batch, n, u, k)
-        values = values.reshape(batch, *spatial, u, v)
-        values = jnp.swapaxes(values, -1, -2)  # [batch, *spatial, v, u]
-        flat_values = values.reshape(batch, n, v, u)
+        keys = keys.reshape(batch, m, u, k)
+        values = values.reshape(batch, *context_spatial, u, v)
+        values = jnp.swapaxes(values, -1, -2)  # [batch, *context_spatial, v, u]
+        flat_values = values.reshape(batch, m, v, u)
 
-        keys = jax.nn.softmax(keys, axis=1).astype(compute_dtype)
-        lambdas = jnp.einsum(
-            "bmuk,bmvu->bkv", keys, flat_values, preferred_element_type=accumulate
-        )[:, None]  # content lambda, shared by every position: [batch, 1, k, v]
-
-        if self.position == "global":
-            table = self._relative_table(spatial)
-            lambdas = lambdas + position_lib.global_position_lambdas(values, table)
-        elif self.position == "local":
+        kernel = None
+        if self.position == "local":
             kernel = self.param(
                 "local_embeddings",
                 _normal(1.0),
                 (self.receptive_field,) * len(spatial) + (k, u),
                 self.param_dtype,
             )
-            lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
+
+        if decode_state is not None:
+            lambdas, decode_state = causal_lib.decode_content_step(
+                decode_state, keys[:, 0], flat_values[:, 0])
+            if kernel is not None:
+                position, decode_state = causal_lib.decode_position_step(
+                    decode_state, kernel, flat_values[:, 0], accumulate)
+                lambdas = lambdas + position
+            lambdas = lambdas[:, None]  # [batch, 1, k, v]
+        elif self.causal:
+            lambdas = causal_lib.causal_content_lambdas(keys, flat_values)
+            if kernel is not None:
+                lambdas = lambdas + position_lib.lambda_convolution(values, kernel, causal=True)
+        else:
+            keys = jax.nn.softmax(keys, axis=1).astype(compute_dtype)
+            lambdas = jnp.einsum(
+                "bmuk,bmvu->bkv", keys, flat_values, preferred_element_type=accumulate
+            )[:, None]  # content lambda, shared by every position: [batch, 1, k, v]
+            if self.position == "global":
+                table = self._relative_table(spatial)
+                lambdas = lambdas + position_lib.global_position_lambdas(values, table)
+            elif kernel is not None:
+                lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
 
         out = jnp.einsum(
             "bnhk,bnkv->bnhv",
@@ -192,4 +292,6 @@ class LambdaLayer(nn.Module):
         ).astype(compute_dtype)
         out = out.reshape(batch, *spatial, h * v)
         chex.assert_shape(out, (batch, *spatial, self.dim_out))
+        if decode_state is not None:
+            return out, decode_state
         return out

@@ -89,7 +89,7 @@ def global_position_lambdas(values: jax.Array, table: jax.Array) -> jax.Array:
     )
 
 
-def lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array:
+def lambda_convolution(values: jax.Array, kernel: jax.Array, causal: bool = False) -> jax.Array:
     """The lambda convolution: position lambdas over an r x ... x r scope, zero padded.
 
     One ``jax.lax.conv_general_dilated`` call: the value depth v is folded into the
@@ -98,6 +98,9 @@ def lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array:
     Args:
       values: ``[batch, *spatial, v, u]``.
       kernel: ``[r, ..., r, k, u]`` (one r per spatial axis, r odd).
+      causal: for sequences: each query sees itself and the ``r - 1`` positions before it
+        (padding on the left only); the kernel's index j then holds the offset
+        ``j - (r - 1)`` and r may be even.
 
     Returns:
       ``[batch, n, k, v]`` in ``accumulation_dtype(values.dtype)``.
@@ -112,7 +115,7 @@ def lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array:
         folded,
         rhs,
         window_strides=(1,) * s,
-        padding="SAME",
+        padding=[(kernel.shape[0] - 1, 0)] if causal else "SAME",
         dimension_numbers=_CONV_DIMENSION_NUMBERS[s],
         preferred_element_type=accumulation_dtype(values.dtype),
     )  # [batch * v, *spatial, k]
