@@ -1,0 +1,244 @@
+"""The training program: ``train_and_evaluate(config, workdir)``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lambda_jax.train import metrics as metrics_lib
+from lambda_jax.train.checkpoint import Checkpointer
+from lambda_jax.train.optim import create_learning_rate_fn, create_optimizer
+from lambda_jax.train.parallel import AXIS, DataParallel
+from lambda_jax.train.steps import TrainState, create_train_state, eval_step, train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate_config(config: ml_collections.ConfigDict, parallel: DataParallel) -> None:
+    """Raises ``ValueError`` naming the field for settings that cannot run on these devices."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}.")
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field]
+        if value < 1 or value % parallel.num_devices:
+            raise ValueError(
+                f"config.{field}={value} is the global batch and must be a positive multiple of "
+                f"the device count ({parallel.num_devices}); for example "
+                f"--config.{field}={max(1, value // parallel.num_devices) * parallel.num_devices}."
+            )
+    for field in ("log_every_steps", "keep_checkpoints"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be at least 1, got {config[field]}.")
+    for field in ("eval_every_steps", "checkpoint_every_steps"):
+        if config[field] < 0:
+            raise ValueError(f"config.{field} must be >= 0 (0: once per epoch), got {config[field]}.")
+
+
+def _image_shape(info: Any) -> tuple[int, int, int]:
+    size = info.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return height, width, info.channels
+
+
+class PreemptionGuard:
+    """Turns SIGTERM and a first Ctrl-C into a request to checkpoint and stop.
+
+    On one host the signal sets a flag checked after every step; a second Ctrl-C interrupts
+    at once. On several hosts JAX's preemption service receives the signal and Orbax's
+    ``reached_preemption`` makes all hosts stop at the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionGuard":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("Received %s: saving a checkpoint, then stopping.",
+                        signal.Signals(signum).name)
+        self.requested = True
+
+    def should_stop(self, step: int, checkpointer: Checkpointer) -> bool:
+        if jax.process_count() > 1:
+            return checkpointer.reached_preemption(step)
+        return self.requested
+
+
+def evaluate(p_eval_step, state: TrainState, eval_fn, parallel: DataParallel) -> dict[str, float]:
+    """One pass over the eval set: ``eval_loss``, ``eval_top1``, ``eval_top5`` (fractions)."""
+    totals = None
+    for batch in eval_fn():
+        sums = p_eval_step(state, parallel.shard_batch(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError("The eval set is empty; check config.eval_split.")
+    totals = parallel.to_host(totals)
+    count = float(totals["count"])
+    return {
+        "eval_loss": float(totals["loss"]) / count,
+        "eval_top1": float(totals["top1"]) / count,
+        "eval_top5": float(totals["top5"]) / count,
+    }
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> dict[str, Any]:
+    """Trains ``config.model`` on ``config.dataset``, evaluating, logging and checkpointing.
+
+    Resumes from the latest checkpoint in ``<workdir>/checkpoints``; stops early with a
+    checkpoint on SIGTERM or Ctrl-C. Writes TensorBoard events to ``workdir`` and, when
+    training completes, ``<workdir>/final_metrics.json``.
+
+    Args:
+      config: a config from ``configs/`` (see ``configs/default.py`` for every field).
+      workdir: directory for checkpoints, event files and final metrics.
+      devices: devices to train on (default: all; a subset only on a single host).
+
+    Returns:
+      The last metrics, with ``step`` and ``preempted``.
+    """
+    from lambda_jax import create_model
+    from lambda_jax.data import create_datasets
+
+    parallel = DataParallel(config.parallelism, devices)
+    validate_config(config, parallel)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    train_loader, eval_fn, info = create_datasets(config, seed=config.seed)
+    model = create_model(
+        config.model,
+        num_classes=info.num_classes,
+        dtype=DTYPES[config.dtype],
+        axis_name=AXIS,
+        **config.model_overrides,
+    )
+    steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
+    num_train_steps = (
+        config.num_train_steps if config.num_train_steps > 0
+        else max(1, int(config.num_epochs * steps_per_epoch))
+    )
+    eval_every = config.eval_every_steps or steps_per_epoch
+    checkpoint_every = config.checkpoint_every_steps or eval_every
+    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+    tx = create_optimizer(config, learning_rate_fn)
+
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    init = functools.partial(create_train_state, model=model, tx=tx, image_shape=_image_shape(info))
+    host_state = jax.device_get(jax.jit(init)(init_rng))
+
+    run = json.loads(json.dumps({
+        "model": config.model,
+        "model_overrides": config.model_overrides.to_dict(),
+        "num_classes": info.num_classes,
+        "dataset": config.dataset,
+    }))
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.keep_checkpoints,
+        async_saves=config.async_checkpoints,
+    )
+    checkpointer.check_run(run)
+    train_iter = iter(train_loader)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        host_state = checkpointer.restore(latest, host_state, train_iter)
+        logging.info("Resumed from %s (step %d).", checkpointer.step_path(latest), latest)
+    start_step = int(host_state.step)
+    state = parallel.replicate(host_state)
+    del host_state
+
+    p_train_step = parallel.map_train_step(functools.partial(
+        train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
+        num_classes=info.num_classes, label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay, axis_name=AXIS,
+    ))
+    p_eval_step = parallel.map_eval_step(functools.partial(
+        eval_step, model=model, num_classes=info.num_classes, axis_name=AXIS,
+    ))
+
+    writer = metrics_lib.MetricWriter(workdir)
+    last: dict[str, Any] = {}
+    eval_metrics: Optional[dict[str, float]] = None
+    step = start_step
+    preempted = False
+    pending: list[dict[str, jax.Array]] = []
+    interval_start = time.perf_counter()
+    interval_step = start_step
+    logging.info("Training %s on %s: steps %d..%d of %d per epoch, %d devices (%s).",
+                 config.model, config.dataset, start_step, num_train_steps, steps_per_epoch,
+                 parallel.num_devices, parallel.mode)
+    try:
+        with PreemptionGuard() as guard:
+            while step < num_train_steps:
+                batch = parallel.shard_batch(next(train_iter))
+                state, step_metrics = p_train_step(state, batch, dropout_rng)
+                pending.append(step_metrics)
+                step += 1
+                done = step == num_train_steps
+                if step % config.log_every_steps == 0 or done:
+                    host_metrics = parallel.to_host(pending)
+                    elapsed = time.perf_counter() - interval_start
+                    last = {
+                        "train_loss": float(np.mean([m["loss"] for m in host_metrics])),
+                        "train_accuracy": float(np.mean([m["accuracy"] for m in host_metrics])),
+                        "learning_rate": float(host_metrics[-1]["learning_rate"]),
+                        "examples_per_second":
+                            (step - interval_step) * config.batch_size / max(elapsed, 1e-9),
+                    }
+                    writer.write(step, last)
+                    metrics_lib.log_progress(step, num_train_steps, last)
+                    pending = []
+                    interval_start, interval_step = time.perf_counter(), step
+                evaluated = step % eval_every == 0 or done
+                if evaluated:
+                    eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
+                    writer.write(step, eval_metrics)
+                    metrics_lib.log_progress(step, num_train_steps, eval_metrics)
+                preempted = guard.should_stop(step, checkpointer)
+                if step % checkpoint_every == 0 or done or preempted:
+                    checkpointer.save(step, parallel.to_host(state), train_iter, run,
+                                      metrics=eval_metrics if evaluated else None)
+                if preempted:
+                    logging.warning("Stopped at step %d with a checkpoint in %s; rerun the same "
+                                    "command to resume.", step, checkpointer.step_path(step))
+                    break
+        if not preempted and eval_metrics is None:
+            eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        writer.close()
+    result = {**last, **(eval_metrics or {}), "step": step, "preempted": preempted}
+    if not preempted:
+        metrics_lib.write_final_metrics(workdir, result)
+    return result
