@@ -1,0 +1,46 @@
+"""Trains and evaluates a model from a config.
+
+    python train.py --config=configs/default.py --workdir=/tmp/lambda_digits
+    python train.py --config=configs/cifar10.py --workdir=/tmp/cifar10 --config.batch_size=256
+
+Rerunning with the same --workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C
+saves a checkpoint and stops.
+"""
+
+import logging as std_logging
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lambda_jax.train import train_and_evaluate
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metrics.")
+config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Keeps Orbax's per-save INFO lines off the console; warnings still pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if FLAGS.config.distributed:
+        jax.distributed.initialize()
+    logging.info("JAX processes %d, devices %d (%s).", jax.process_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if result["preempted"]:
+        logging.info("Stopped early at step %d; run the same command again to resume.",
+                     result["step"])
+
+
+if __name__ == "__main__":
+    app.run(main)
