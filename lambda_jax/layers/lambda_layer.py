@@ -126,7 +126,8 @@ class LambdaLayer(nn.Module):
                     "LambdaLayer with position='global' was built for inputs of spatial "
                     f"size {built_size} and cannot be applied to size {spatial}: its relative "
                     "embedding table has shape "
-                    f"{built}. Resize the table to the new size, or use position='local'."
+                    f"{built}. Resize it with lambda_jax.resize_relative_embeddings, or use "
+                    "position='local'."
                 )
         return self.param("relative_embeddings", _normal(1.0), shape, self.param_dtype)
 
