@@ -1,0 +1,25 @@
+"""Models: bottleneck ResNets with convolution, lambda or self-attention slots, by name."""
+
+from lambda_jax.models import families
+from lambda_jax.models.registry import create_model, list_models, register_model
+from lambda_jax.models.resnet import (
+    AttentionSlot,
+    Bottleneck,
+    ConvSlot,
+    LambdaSlot,
+    ResNet,
+)
+
+ARCHITECTURES = families.ARCHITECTURES
+
+__all__ = [
+    "ARCHITECTURES",
+    "AttentionSlot",
+    "Bottleneck",
+    "ConvSlot",
+    "LambdaSlot",
+    "ResNet",
+    "create_model",
+    "list_models",
+    "register_model",
+]

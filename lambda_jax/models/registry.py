@@ -1,0 +1,67 @@
+"""Models created by name: ``create_model("lambda_resnet50")``.
+
+A factory is a function ``fn(*, num_classes, dtype, **overrides) -> flax.linen.Module``
+registered under a name with :func:`register_model`; any module can add its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModelFactory = Callable[..., nn.Module]
+
+_FACTORIES: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator registering ``fn(*, num_classes, dtype, **overrides) -> nn.Module`` as ``name``.
+
+    Raises:
+      ValueError: if ``name`` is already registered.
+    """
+
+    def decorate(factory: ModelFactory) -> ModelFactory:
+        if name in _FACTORIES:
+            raise ValueError(f"A model named {name!r} is already registered.")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(_FACTORIES)
+
+
+def create_model(
+    name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **overrides: Any
+) -> nn.Module:
+    """Builds the model registered as ``name``.
+
+    Args:
+      name: one of :func:`list_models`.
+      num_classes: size of the classifier output.
+      dtype: compute dtype (parameters stay in ``param_dtype``, float32 by default); the
+        logits are always float32.
+      **overrides: fields of the model to change, e.g. ``axis_name="batch"`` for cross-device
+        batch norm, ``param_dtype``, ``drop_path_rate``, ``dropout_rate``, ``stage_depths``,
+        ``stage_slots``.
+
+    Returns:
+      An unbound flax.linen module: ``model.init(rng, images, train=False)`` with images
+      ``[batch, height, width, 3]``; ``model.apply(variables, images, train=...)`` gives
+      logits ``[batch, num_classes]``.
+
+    Raises:
+      ValueError: for an unknown name (the message lists the known ones) or an override
+        that is not a field of the model.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"Unknown model {name!r}. Known models: {', '.join(list_models())}."
+        )
+    return _FACTORIES[name](num_classes=num_classes, dtype=dtype, **overrides)

@@ -1,0 +1,285 @@
+"""Tests of the model zoo: names, parameter counts against the paper, shapes, training."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lambda_jax
+from lambda_jax.models import ARCHITECTURES, Bottleneck, LambdaSlot, ResNet, registry
+
+def _key(seed):
+    # RBG keys: compiling threefry random bits takes seconds per shape on a CPU, and the
+    # models behave the same with either generator.
+    return jax.random.key(seed, impl="rbg")
+
+
+# (name, parameters in millions as printed in the paper's tables).
+PAPER_PARAMETER_COUNTS = [
+    ("resnet50", 25.6),  # Table 3 'convolution'; placement C-C-C-C
+    ("resnet50_lambda_table3", 15.0),  # Table 3 'lambda layer'; placement L-L-L-L
+    ("resnet50_lambda_u4_table3", 16.0),  # Table 3 'lambda layer, u=4'
+    ("resnet50_local_attention_table3", 18.0),  # Table 3 'local relative self-attention'
+    ("resnet50_placement_cccc", 25.6),
+    ("resnet50_placement_lccc", 25.5),
+    ("resnet50_placement_llcc", 25.0),
+    ("resnet50_placement_lllc", 21.7),
+    ("resnet50_placement_llll", 15.0),
+    ("resnet50_placement_clll", 15.1),
+    ("resnet50_placement_ccll", 15.4),
+    ("resnet50_placement_cccl", 18.8),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_model(name: str):
+    """Shapes only: (logits shape, parameter count) at the model's intended resolution."""
+    model = lambda_jax.create_model(name)
+    size = ARCHITECTURES[name]["resolution"]
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    logits, variables = jax.eval_shape(
+        lambda x: model.init_with_output(_key(0), x, train=False), images
+    )
+    return logits, sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("name,millions", PAPER_PARAMETER_COUNTS)
+def test_parameter_counts_match_the_paper(name, millions):
+    _, count = _abstract_model(name)
+    assert abs(count / 1e6 - millions) / millions < 0.02, (name, count)
+
+
+@pytest.mark.parametrize("name", lambda_jax.list_models())
+def test_every_model_gives_logits_at_its_resolution(name):
+    logits, count = _abstract_model(name)
+    assert logits.shape == (2, 1000)
+    assert logits.dtype == jnp.float32
+    assert count > 0
+
+
+def test_list_models_is_sorted_and_holds_the_families():
+    names = lambda_jax.list_models()
+    assert names == sorted(names)
+    for depth in (50, 101, 152, 200, 270, 350, 420):
+        assert f"lambda_resnet{depth}" in names
+    for name in ("lambda_resnet26_cifar", "lambda_resnet38_cifar", "resnet26_cifar"):
+        assert name in names
+
+
+def test_unknown_name_lists_the_known_names():
+    with pytest.raises(ValueError, match="Unknown model 'lambda_resnet51'.*lambda_resnet50"):
+        lambda_jax.create_model("lambda_resnet51")
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(ValueError, match="Unknown settings \\['drop_rate'\\].*drop_path_rate"):
+        lambda_jax.create_model("resnet50", drop_rate=0.1)
+
+
+def test_register_model_adds_a_factory(monkeypatch):
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
+
+    @registry.register_model("my_resnet")
+    def my_resnet(*, num_classes, dtype, **overrides):
+        return ResNet(num_classes=num_classes, dtype=dtype, stage_depths=(1, 1), **overrides)
+
+    assert "my_resnet" in lambda_jax.list_models()
+    model = lambda_jax.create_model("my_resnet", num_classes=7, stage_widths=(8, 16),
+                                    stage_strides=(1, 2), stage_slots=("conv", "conv"))
+    assert model.num_classes == 7 and model.stage_widths == (8, 16)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_model("my_resnet")(my_resnet)
+
+
+def test_lambda_resnet_places_lambda_layers_in_c4_and_c5():
+    slots = ARCHITECTURES["lambda_resnet50"]["stage_slots"]
+    c4, c5 = slots[2], slots[3]
+    assert [isinstance(s, LambdaSlot) for s in c4] == [False] * 5 + [True]
+    assert c5 == LambdaSlot()
+    c4_420 = ARCHITECTURES["lambda_resnet420"]["stage_slots"][2]
+    assert sum(isinstance(s, LambdaSlot) for s in c4_420) == 8 and len(c4_420) == 87
+
+
+def _tiny(**overrides):
+    return lambda_jax.create_model("lambda_resnet_tiny", num_classes=10, **overrides)
+
+
+def _images(batch=8, size=16, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).normal(size=(batch, size, size, 3)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+    """Variables of lambda_resnet_tiny for 10 classes (initialised once: compiling is slow)."""
+    model = _tiny()
+    return jax.jit(lambda x: model.init(_key(0), x, train=False))(_images())
+
+
+def _micro(**overrides):
+    """A one-block ResNet with a lambda slot: cheap to compile, exercises every code path."""
+    return ResNet(num_classes=3, stage_depths=(1,), stage_widths=(8,), stage_strides=(1,),
+                  stage_slots=(LambdaSlot(dim_k=4, heads=2, receptive_field=3),), stem="cifar",
+                  stem_width=8, **overrides)
+
+
+@pytest.fixture(scope="module")
+def micro_variables():
+    return jax.jit(lambda x: _micro().init(_key(0), x, train=False))(_images(8, 6))
+
+
+def _unit_last_scales(variables):
+    """The same variables with every block's last batch-norm scale set to one."""
+    params = {
+        name: ({**block, "bn3": {**block["bn3"], "scale": jnp.ones_like(block["bn3"]["scale"])}}
+               if "bn3" in block else block)
+        for name, block in variables["params"].items()
+    }
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def test_last_batch_norm_scale_of_every_block_starts_at_zero(tiny_variables):
+    blocks = [k for k in tiny_variables["params"] if "_block" in k]
+    assert len(blocks) == 4
+    for block in blocks:
+        params = tiny_variables["params"][block]
+        np.testing.assert_array_equal(params["bn3"]["scale"], 0.0)
+        np.testing.assert_array_equal(params["bn1"]["scale"], 1.0)
+    off = jax.eval_shape(
+        lambda: _tiny(zero_init_last_bn=False).init(_key(0), _images(), train=False)
+    )
+    assert off["params"]["stage1_block1"]["bn3"]["scale"].shape == (64,)
+    block = Bottleneck(width=4, zero_init_last_bn=False)
+    x = jnp.ones((1, 2, 2, 16))
+    scale = jax.jit(block.init)(_key(0), x)["params"]["bn3"]["scale"]
+    np.testing.assert_array_equal(scale, 1.0)
+
+
+def test_dropout_and_stochastic_depth_are_identity_in_eval(tiny_variables, micro_variables):
+    variables = _unit_last_scales(tiny_variables)
+    regularised = _tiny(drop_path_rate=0.5, dropout_rate=0.5)
+    eval_outputs = jax.jit(lambda v, x: (regularised.apply(v, x, train=False),
+                                         _tiny().apply(v, x, train=False)))
+    np.testing.assert_allclose(*eval_outputs(variables, _images()), rtol=1e-6, atol=1e-6)
+
+    variables = _unit_last_scales(micro_variables)
+    train = jax.jit(lambda key: _micro(drop_path_rate=0.5, dropout_rate=0.5).apply(
+        variables, _images(8, 6), train=True, mutable=["batch_stats"], rngs={"dropout": key})[0])
+    first, second = train(_key(1)), train(_key(2))
+    assert not np.allclose(first, second)
+    np.testing.assert_array_equal(first, train(_key(1)))
+    with pytest.raises(Exception, match="dropout"):
+        _micro(dropout_rate=0.5).apply(variables, _images(8, 6), train=True,
+                                       mutable=["batch_stats"])
+
+
+def test_stochastic_depth_drops_whole_residual_branches():
+    block = Bottleneck(width=16, drop_path_rate=0.5, zero_init_last_bn=False)
+    x = jnp.asarray(np.abs(np.random.RandomState(0).normal(size=(64, 4, 4, 64))), jnp.float32)
+    variables = jax.jit(block.init)(_key(1), x)
+    out, _ = block.apply(variables, x, train=True, mutable=["batch_stats"],
+                         rngs={"dropout": _key(2)})
+    # Identity shortcut: a dropped branch leaves relu(x) = x for the whole example.
+    dropped = np.all(np.asarray(out) == np.asarray(x), axis=(1, 2, 3))
+    assert 10 < dropped.sum() < 54
+
+
+def test_strided_lambda_block_pools_after_the_layer():
+    x = jnp.zeros((2, 8, 6, 32))
+
+    def shapes(stride):
+        block = Bottleneck(width=16, slot=LambdaSlot(receptive_field=5), stride=stride)
+        return jax.eval_shape(lambda: block.init_with_output(_key(1), x))
+
+    strided_out, strided = shapes(2)
+    unstrided_out, unstrided = shapes(1)
+    assert "lambda2" in strided["params"] and "conv2" not in strided["params"]
+    assert strided_out.shape == (2, 4, 3, 64) and unstrided_out.shape == (2, 8, 6, 64)
+    assert jax.tree.map(jnp.shape, strided) == jax.tree.map(jnp.shape, unstrided)
+
+
+def test_per_block_slots_and_bad_slots():
+    model = ResNet(num_classes=3, stage_depths=(2,), stage_widths=(8,), stage_strides=(1,),
+                   stage_slots=(("conv", LambdaSlot(heads=2, receptive_field=3)),), stem="cifar",
+                   stem_width=8)
+    images = _images(2, 8)
+    params = jax.eval_shape(lambda: model.init(_key(0), images))["params"]
+    assert "conv2" in params["stage1_block1"] and "lambda2" in params["stage1_block2"]
+    with pytest.raises(ValueError, match="lists 1 slots for a stage of 2 blocks"):
+        model.clone(stage_slots=(("conv",),)).init(_key(0), images)
+    with pytest.raises(ValueError, match="A slot must be one of"):
+        model.clone(stage_slots=("lamda",)).init(_key(0), images)
+    with pytest.raises(ValueError, match="ResNet.stem must be one of"):
+        model.clone(stem="vit").init(_key(0), images)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        model.clone(stage_widths=(8, 16)).init(_key(0), images)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(micro_variables):
+    abstract = jax.eval_shape(
+        lambda: _tiny(dtype=jnp.bfloat16).init(_key(0), _images(), train=False)
+    )
+    assert {p.dtype for p in jax.tree.leaves(abstract["params"])} == {jnp.dtype(jnp.float32)}
+    logits, _ = jax.jit(lambda v, x: _micro(dtype=jnp.bfloat16).apply(
+        v, x, train=True, mutable=["batch_stats"]))(_unit_last_scales(micro_variables),
+                                                    _images(8, 6))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_axis_name_gives_cross_device_batch_norm(micro_variables):
+    images = _images(8, 6)
+
+    @jax.jit
+    def statistics(images):
+        _, whole = _micro().apply(micro_variables, images, train=True, mutable=["batch_stats"])
+        _, per_shard = jax.vmap(
+            lambda x: _micro(axis_name="batch").apply(
+                micro_variables, x, train=True, mutable=["batch_stats"]),
+            axis_name="batch",
+        )(images.reshape(2, 4, 6, 6, 3))
+        return whole, per_shard
+
+    whole, per_shard = statistics(images)
+    # Statistics averaged over the axis (stem, blocks and the lambda layer's query and value
+    # norms) equal those of the whole batch on every shard.
+    assert "query_norm" in per_shard["batch_stats"]["stage1_block1"]["lambda2"]
+    jax.tree.map(lambda w, s: np.testing.assert_allclose(s[0], w, rtol=1e-4, atol=1e-5),
+                 whole, per_shard)
+    jax.tree.map(lambda s: np.testing.assert_allclose(s[0], s[1], rtol=1e-5, atol=1e-6),
+                 per_shard)
+
+
+def test_small_model_loss_falls_on_a_fixed_batch(tiny_variables):
+    model = _tiny()
+    images = _images(8)
+    labels = jnp.arange(8) % 10
+    optimizer = optax.adam(3e-3)
+    params, batch_stats = tiny_variables["params"], tiny_variables["batch_stats"]
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, images, train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    losses = []
+    for _ in range(25):
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), batch_stats,
+                         tiny_variables["batch_stats"])
+    assert min(jax.tree.leaves(moved)) > 0
