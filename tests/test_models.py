@@ -22,6 +22,7 @@ def _key(seed):
 # (name, parameters in millions as printed in the paper's tables).
 PAPER_PARAMETER_COUNTS = [
     ("resnet50", 25.6),  # Table 3 'convolution'; placement C-C-C-C
+    ("resnet50_se_table3", 28.1),  # Table 3 'conv + channel attention'
     ("resnet50_lambda_table3", 15.0),  # Table 3 'lambda layer'; placement L-L-L-L
     ("resnet50_lambda_u4_table3", 16.0),  # Table 3 'lambda layer, u=4'
     ("resnet50_local_attention_table3", 18.0),  # Table 3 'local relative self-attention'
@@ -38,28 +39,43 @@ PAPER_PARAMETER_COUNTS = [
 
 @functools.lru_cache(maxsize=None)
 def _abstract_model(name: str):
-    """Shapes only: (logits shape, parameter count) at the model's intended resolution."""
+    """Shapes only: (logits, variables) at the model's intended resolution."""
     model = lambda_jax.create_model(name)
     size = ARCHITECTURES[name]["resolution"]
     images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    logits, variables = jax.eval_shape(
-        lambda x: model.init_with_output(_key(0), x, train=False), images
-    )
-    return logits, sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+    return jax.eval_shape(lambda x: model.init_with_output(_key(0), x, train=False), images)
+
+
+def _count(name: str) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(_abstract_model(name)[1]["params"]))
 
 
 @pytest.mark.parametrize("name,millions", PAPER_PARAMETER_COUNTS)
 def test_parameter_counts_match_the_paper(name, millions):
-    _, count = _abstract_model(name)
+    count = _count(name)
     assert abs(count / 1e6 - millions) / millions < 0.02, (name, count)
 
 
 @pytest.mark.parametrize("name", lambda_jax.list_models())
 def test_every_model_gives_logits_at_its_resolution(name):
-    logits, count = _abstract_model(name)
+    logits, variables = _abstract_model(name)
     assert logits.shape == (2, 1000)
     assert logits.dtype == jnp.float32
-    assert count > 0
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def test_lambda_resnets_are_resnet_rs_bodies():
+    params = _abstract_model("lambda_resnet50")[1]["params"]
+    # ResNet-D stem with the max pool replaced by a strided convolution.
+    assert [params[f"stem_conv{i}"]["kernel"].shape for i in range(1, 5)] == [
+        (3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64), (3, 3, 64, 64)]
+    first_c5 = params["stage4_block1"]
+    assert first_c5["se"]["reduce"]["kernel"].shape == (2048, 512)
+    assert first_c5["shortcut_conv"]["kernel"].shape == (1, 1, 1024, 2048)
+    assert "lambda2" in first_c5 and "conv2" in params["stage3_block1"]
+    # The convolution counterpart differs only in the slots.
+    assert _count("resnet_rs50") > _count("lambda_resnet50")
+    assert _count("resnet_rs50") == pytest.approx(35.7e6, rel=0.01)  # ResNet-RS-50 in the ResNet-RS paper
 
 
 def test_list_models_is_sorted_and_holds_the_families():

@@ -7,7 +7,7 @@ each name, with a docstring-like ``description``. Parameter counts are for 1000 
 
 **Table 3 and the hybrid-placement table** (ResNet-50, 224x224): a plain ResNet-50 (7x7 stem,
 no squeeze-excitation, no ResNet-D) whose 3x3 slots are convolutions, lambda layers or
-self-attention. The paper does not print the lambda rows' settings; the ones used here
+self-attention (or squeeze-excitation, ``resnet50_se_table3``). The paper does not print the lambda rows' settings; the ones used here
 reproduce its counts: k=16, h=4, u=1 with a 23x23 lambda convolution (15.0M) and u=4 with a
 7x7 lambda convolution (16.0M). Local relative self-attention (Ramachandran et al. 2019) uses
 8 heads over 7x7 windows (18.0M).
@@ -88,6 +88,13 @@ _register(
     "ResNet-50 (He et al. 2016), the convolution baseline: Table 3 row 'convolution' and the "
     "placement row C-C-C-C, 25.6M parameters.",
     224,
+)
+_register(
+    "resnet50_se_table3",
+    "ResNet-50 with squeeze-excitation (Hu et al. 2018, reduction 16, with biases) after the "
+    "last batch norm of every block, Table 3 row 'conv + channel attention'; 28.1M parameters.",
+    224,
+    se_ratio=1 / 16,
 )
 _register(
     "resnet50_lambda_table3",
