@@ -11,7 +11,15 @@ import optax
 import pytest
 
 import lambda_jax
-from lambda_jax.models import ARCHITECTURES, Bottleneck, LambdaSlot, ResNet, registry
+from lambda_jax.models import (
+    ARCHITECTURES,
+    AttentionSlot,
+    Bottleneck,
+    ConvSlot,
+    LambdaSlot,
+    ResNet,
+    registry,
+)
 
 def _key(seed):
     # RBG keys: compiling threefry random bits takes seconds per shape on a CPU, and the
@@ -95,6 +103,20 @@ def test_unknown_name_lists_the_known_names():
 def test_unknown_override_is_rejected():
     with pytest.raises(ValueError, match="Unknown settings \\['drop_rate'\\].*drop_path_rate"):
         lambda_jax.create_model("resnet50", drop_rate=0.1)
+
+
+def test_overrides_from_configs_give_a_hashable_model():
+    model = lambda_jax.create_model(
+        "resnet50", stage_depths=[1, 2], stage_widths=[8, 16], stage_strides=[1, 2],
+        stage_slots=["conv", [{"kind": "lambda", "receptive_field": 7, "dim_u": 2}, "attention"]],
+    )
+    assert model.stage_slots == ((ConvSlot(),), (LambdaSlot(receptive_field=7, dim_u=2),
+                                                 AttentionSlot()))
+    assert hash(model) == hash(model.clone())
+    with pytest.raises(ValueError, match="Unknown settings \\['r'\\] for a 'lambda' slot"):
+        lambda_jax.create_model("resnet50", stage_slots=[{"kind": "lambda", "r": 7}] * 4)
+    with pytest.raises(ValueError, match="stage_slots has 3 entries but there are 4 stages"):
+        lambda_jax.create_model("resnet50", stage_slots=["conv"] * 3)
 
 
 def test_register_model_adds_a_factory(monkeypatch):

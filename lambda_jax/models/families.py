@@ -32,7 +32,13 @@ from typing import Any
 import flax.linen as nn
 
 from lambda_jax.models.registry import register_model
-from lambda_jax.models.resnet import AttentionSlot, ConvSlot, LambdaSlot, ResNet
+from lambda_jax.models.resnet import (
+    AttentionSlot,
+    ConvSlot,
+    LambdaSlot,
+    ResNet,
+    resolve_stage_slots,
+)
 
 _FIELDS = frozenset(field.name for field in dataclasses.fields(ResNet)) - {"parent", "name"}
 
@@ -46,6 +52,9 @@ RESNET_RS_DEPTHS = {
     350: (4, 36, 72, 4),
     420: (4, 44, 87, 4),
 }
+# Image sides of the paper's Figure 4 (152 at 224 and 256, 270 at 256, 350 at 256 to 320,
+# 420 at 320); 50 and 101, not in the figure, at ResNet-50's 224.
+RESOLUTIONS = {50: 224, 101: 224, 152: 256, 200: 256, 270: 256, 350: 288, 420: 320}
 LAMBDA_BLOCKS_IN_C4 = {50: 1, 101: 3, 152: 6, 200: 6, 270: 6, 350: 6, 420: 8}
 
 TABLE3_LAMBDA = LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=23)
@@ -71,7 +80,15 @@ def _register(name: str, description: str, resolution: int, **fields: Any) -> No
                 f"Unknown settings {unknown} for model {name!r}; the settings are "
                 f"{sorted(_FIELDS - {'num_classes', 'dtype'})}."
             )
-        return ResNet(**{**fields, **overrides, "num_classes": num_classes, "dtype": dtype})
+        model = ResNet(**{**fields, **overrides, "num_classes": num_classes, "dtype": dtype})
+        # Tuples of slot objects keep the module hashable (a static argument of jax.jit)
+        # whatever sequences or mappings the overrides held, and bad slots fail here.
+        return model.clone(
+            stage_depths=tuple(model.stage_depths),
+            stage_widths=tuple(model.stage_widths),
+            stage_strides=tuple(model.stage_strides),
+            stage_slots=resolve_stage_slots(model.stage_slots, model.stage_depths),
+        )
 
     factory.__doc__ = description
     register_model(name)(factory)
@@ -134,7 +151,7 @@ for _depth, _stages in RESNET_RS_DEPTHS.items():
         f"ResNet-RS-{_depth} (Bello et al. 2021), the convolution counterpart of "
         f"lambda_resnet{_depth}: stage depths {list(_stages)}, ResNet-D stem and shortcuts, "
         "squeeze-excitation 0.25.",
-        224 if _depth <= 101 else 256,
+        RESOLUTIONS[_depth],
         stage_depths=_stages,
         **RESNET_RS,
     )
@@ -143,7 +160,7 @@ for _depth, _stages in RESNET_RS_DEPTHS.items():
         f"LambdaResNet-{_depth}: ResNet-RS-{_depth} (stage depths {list(_stages)}) with lambda "
         "layers (k=16, h=4, u=1, 23x23 lambda convolution) in every c5 block and in "
         f"{LAMBDA_BLOCKS_IN_C4[_depth]} of the {_stages[2]} c4 blocks.",
-        224 if _depth <= 101 else 256,
+        RESOLUTIONS[_depth],
         stage_depths=_stages,
         stage_slots=("conv", "conv", _c4_slots(_stages[2], LAMBDA_BLOCKS_IN_C4[_depth]), TABLE3_LAMBDA),
         **RESNET_RS,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import chex
 import flax.linen as nn
@@ -70,19 +70,32 @@ class AttentionSlot:
 
 
 Slot = Union[ConvSlot, LambdaSlot, AttentionSlot]
-SlotSpec = Union[str, Slot]
-_SLOT_NAMES = {"conv": ConvSlot(), "lambda": LambdaSlot(), "attention": AttentionSlot()}
+SlotSpec = Union[str, Mapping[str, Any], Slot]
 STEMS = ("imagenet", "resnet_d", "resnet_rs", "cifar")
+
+
+_SLOT_CLASSES = {"conv": ConvSlot, "lambda": LambdaSlot, "attention": AttentionSlot}
 
 
 def _slot(spec: SlotSpec) -> Slot:
     if isinstance(spec, (ConvSlot, LambdaSlot, AttentionSlot)):
         return spec
-    if isinstance(spec, str) and spec in _SLOT_NAMES:
-        return _SLOT_NAMES[spec]
+    if isinstance(spec, str) and spec in _SLOT_CLASSES:
+        return _SLOT_CLASSES[spec]()
+    if isinstance(spec, Mapping) and spec.get("kind") in _SLOT_CLASSES:
+        slot_class = _SLOT_CLASSES[spec["kind"]]
+        settings = {key: value for key, value in spec.items() if key != "kind"}
+        known = {field.name for field in dataclasses.fields(slot_class)}
+        if set(settings) - known:
+            raise ValueError(
+                f"Unknown settings {sorted(set(settings) - known)} for a {spec['kind']!r} "
+                f"slot; the settings are {sorted(known)}."
+            )
+        return slot_class(**settings)
     raise ValueError(
-        f"A slot must be one of {sorted(_SLOT_NAMES)} or a ConvSlot, LambdaSlot or "
-        f"AttentionSlot; got {spec!r}."
+        f"A slot must be one of {sorted(_SLOT_CLASSES)}, a mapping with 'kind' set to one of "
+        f"them and the slot's settings, or a ConvSlot, LambdaSlot or AttentionSlot; got "
+        f"{spec!r}."
     )
 
 
@@ -92,8 +105,10 @@ def resolve_stage_slots(
     """Expands ``stage_slots`` to one slot per block.
 
     Args:
-      stage_slots: one entry per stage: a slot (or its name) for every block of the stage,
-        or a sequence with one slot per block.
+      stage_slots: one entry per stage: a slot for every block of the stage, or a sequence
+        with one slot per block. A slot is a :class:`ConvSlot`, :class:`LambdaSlot` or
+        :class:`AttentionSlot`, its name (``"conv"``, ``"lambda"``, ``"attention"``: default
+        settings) or a mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
       stage_depths: number of blocks per stage.
 
     Returns:
@@ -106,7 +121,7 @@ def resolve_stage_slots(
         )
     resolved = []
     for stage, (spec, depth) in enumerate(zip(stage_slots, stage_depths)):
-        if isinstance(spec, (str, ConvSlot, LambdaSlot, AttentionSlot)):
+        if isinstance(spec, (str, Mapping, ConvSlot, LambdaSlot, AttentionSlot)):
             resolved.append((_slot(spec),) * depth)
             continue
         if len(spec) != depth:
@@ -284,9 +299,8 @@ class ResNet(nn.Module):
       stage_depths: blocks per stage.
       stage_widths: bottleneck width per stage (block outputs are ``width * expansion``).
       stage_strides: stride of the first block of each stage.
-      stage_slots: per stage, a slot for all its blocks or a sequence with one slot per block;
-        a slot is ``"conv"``, ``"lambda"``, ``"attention"`` (default settings) or a
-        :class:`ConvSlot`, :class:`LambdaSlot`, :class:`AttentionSlot`.
+      stage_slots: per stage, a slot for all its blocks or a sequence with one slot per block
+        (see :func:`resolve_stage_slots`).
       expansion: bottleneck expansion.
       stem: ``"imagenet"`` (7x7/2 conv, 3x3/2 max pool), ``"resnet_d"`` (3x3 convs with
         ``stem_width/2, stem_width/2, stem_width`` channels, the first strided, then the max
