@@ -1,6 +1,7 @@
 """Input pipelines: the built-in digits, TFDS mock data, sharding, resume, errors."""
 
 import collections
+import io
 import itertools
 import math
 
@@ -10,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from lambda_jax.data import DatasetInfo, create_datasets
@@ -204,6 +206,51 @@ def test_tfds_mock_data_batches(dataset, image_size, channels, num_classes):
     assert len(eval_batches) == 4
     assert all(b["image"].shape == (6, image_size, image_size, channels) for b in eval_batches)
     assert sum(float(b["mask"].sum()) for b in eval_batches) == 20
+
+
+class VariableSizeJpegs(tfds.core.GeneratorBasedBuilder):
+    """A prepared TFDS data set like ImageNet's: JPEGs of many sizes, encoded with PIL."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    url_infos = None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=5),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 12), "test": self._generate_examples(1, 7)}
+
+    def _generate_examples(self, seed, count):
+        rng = np.random.default_rng(seed)
+        for key in range(count):
+            shape = (int(rng.integers(20, 90)), int(rng.integers(20, 90)), 3)
+            encoded = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(encoded, "JPEG")
+            yield key, {"image": encoded.getvalue(), "label": key % 5}
+
+
+def test_prepared_tfds_data_set_with_jpegs_of_any_size(tmp_path):
+    builder = VariableSizeJpegs(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    config = make_config(dataset="variable_size_jpegs", data_dir=str(tmp_path), image_size=24,
+                         batch_size=4, eval_batch_size=4)
+    train_loader, eval_fn, info = create_datasets(config, seed=0)
+
+    assert info == DatasetInfo(num_classes=5, image_size=24, channels=3, num_train_examples=12,
+                               num_eval_examples=7)
+    batch = next(iter(train_loader))
+    assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
+    eval_batches = list(eval_fn())
+    assert [float(b["mask"].sum()) for b in eval_batches] == [4.0, 3.0]
+    # Unknown names default to ImageNet-style evaluation: central crop, ImageNet statistics.
+    source = builder.as_data_source(split="test")
+    first = preprocessing.preprocess_for_eval(
+        source[0]["image"], augment="imagenet", image_size=24,
+        mean=input_pipeline.IMAGENET_MEAN, std=input_pipeline.IMAGENET_STD)
+    np.testing.assert_allclose(eval_batches[0]["image"][0], first, atol=1e-6)
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):

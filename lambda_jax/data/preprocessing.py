@@ -44,11 +44,11 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
         return image
     pil_box = (left, top, left + crop_width, top + crop_height)
     if channels == 3:
-        resized = Image.fromarray(image, mode="RGB").resize((size, size), resample, pil_box)
+        resized = Image.fromarray(np.ascontiguousarray(image)).resize((size, size), resample, pil_box)
         return np.asarray(resized)
     # PIL has no uint8 mode for other channel counts: resize each channel alone.
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="L")
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]))
                    .resize((size, size), resample, pil_box))
         for c in range(channels)
     ]
