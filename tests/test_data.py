@@ -259,7 +259,9 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
     message = str(error.value)
     assert "'cifar10'" in message and str(tmp_path) in message
     assert "tfds build cifar10 --file_format=array_record" in message
-    assert "--config.data_dir" in message
+    assert "--config.data_dir" in message and "downloads/manual" not in message
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar"):
+        create_datasets(make_config(dataset="imagenet2012", data_dir=str(tmp_path)), seed=0)
 
 
 @pytest.mark.parametrize("overrides,shards,match", [

@@ -165,14 +165,16 @@ def _base_name(dataset: str) -> str:
 
 
 def _not_prepared_error(name: str, builder) -> FileNotFoundError:
+    manual = (" imagenet2012 cannot be downloaded by TFDS: put ILSVRC2012_img_train.tar and "
+              "ILSVRC2012_img_val.tar in DIR/downloads/manual first."
+              if _base_name(name) == "imagenet2012" else "")
     return FileNotFoundError(
         f"The data set {name!r} is not prepared: no array_record files in "
         f"{builder.data_dir}. Prepare it once (tfds build needs TensorFlow; training "
         f"does not):\n"
         f"  pip install tensorflow && tfds build {name} --file_format=array_record "
         f"--data_dir=DIR\n"
-        f"then pass --config.data_dir=DIR (or set TFDS_DATA_DIR=DIR). imagenet2012 needs "
-        f"its tar files in DIR/downloads/manual first.")
+        f"then pass --config.data_dir=DIR (or set TFDS_DATA_DIR=DIR).{manual}")
 
 
 def _builder(name: str, data_dir):
