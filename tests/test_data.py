@@ -37,6 +37,17 @@ def image_key(image: np.ndarray) -> bytes:
     return np.ascontiguousarray(image).tobytes()
 
 
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
 def eval_keys_of_split(config, data_dir) -> collections.Counter:
     """Every example of the digits test split, preprocessed for evaluation directly."""
     source = builtin.Digits(data_dir=data_dir).as_data_source(split="test")
@@ -107,6 +118,19 @@ def test_eval_counts_every_example_once(digits_dir, num_hosts, eval_batch_size):
     assert batches_per_host[0] == math.ceil(math.ceil(360 / num_hosts) / host_batch)
 
 
+def test_train_repeats_forever_in_a_new_order_each_epoch(digits_dir):
+    # 1437 = 3 * 479: three batches per epoch, none dropped at the epoch boundary.
+    loader, _, _ = create_datasets(
+        make_config(data_dir=digits_dir, image_size=8, batch_size=479), seed=0)
+    labels = np.concatenate([batch["label"] for batch in take(iter(loader), 9)])
+    epochs = labels.reshape(3, 1437)
+    counts = np.bincount(load_digits().target[builtin.digits_split_indices()["train"]])
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.bincount(epoch, minlength=10), counts)
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+
+
 def test_train_shards_are_disjoint_and_cover_the_split(digits_dir):
     num_hosts, host_batch = 3, 16
     config = make_config(data_dir=digits_dir, batch_size=num_hosts * host_batch, eval_batch_size=48)
@@ -127,17 +151,6 @@ def test_train_shards_are_disjoint_and_cover_the_split(digits_dir):
             mean=defaults.mean, std=defaults.std))
         for i in range(len(source)))
     assert everything == expected
-
-
-def take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for a, b in zip(first, second):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["label"], b["label"])
 
 
 def test_same_seed_same_batches_and_resume(digits_dir, tmp_path):
