@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data (lambda_jax.data.create_datasets).
     config.dataset = "digits"
-    config.data_dir = None
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default
     config.image_size = 16
     config.augment = "none"
     config.num_workers = 0

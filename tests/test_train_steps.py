@@ -124,12 +124,6 @@ def test_one_and_eight_devices_give_the_same_parameters(pmap_8_devices, pmap_1_d
     np.testing.assert_allclose(pmap_8_devices[1]["loss"], pmap_1_device[1]["loss"], rtol=1e-5)
 
 
-def test_bfloat16_compute_keeps_float32_parameters():
-    state, metrics = _train("pmap", 1, num_steps=1, dtype=jnp.bfloat16)
-    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
-    assert np.isfinite(metrics["loss"])
-
-
 def test_ema_follows_the_parameters_with_the_ramped_decay(pmap_1_device):
     before, after = pmap_1_device[2][:2]
     decay = min(0.9, 2 / 11)  # min(decay, (1 + step) / (10 + step)) at step 1

@@ -154,7 +154,10 @@ def train_and_evaluate(
 
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     init = functools.partial(create_train_state, model=model, tx=tx, image_shape=_image_shape(info))
-    host_state = jax.device_get(jax.jit(init)(init_rng))
+    # Initialisation runs once: on the CPU, XLA's slow optimising passes (mostly over the
+    # random-number code) would take longer than running it unoptimised.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    host_state = jax.device_get(jax.jit(init, compiler_options=options)(init_rng))
 
     run = json.loads(json.dumps({
         "model": config.model,
