@@ -133,8 +133,12 @@ def test_bad_settings_fail_at_start_with_a_clear_message(tmp_path, data_dir):
            "device count (8)" in run.stderr
     with pytest.raises(ValueError, match="Unknown model 'lambda_resnet_huge'"):
         train_and_evaluate(_quick_config(data_dir, model="lambda_resnet_huge"), str(tmp_path))
-    with pytest.raises(Exception, match="no_such_dataset"):
+    with pytest.raises(ValueError, match="Unknown data set 'no_such_dataset'"):
         train_and_evaluate(_quick_config(data_dir, dataset="no_such_dataset"), str(tmp_path))
+    with pytest.raises(FileNotFoundError,
+                       match="(?s)'cifar10' is not prepared.*tfds build cifar10"):
+        train_and_evaluate(_quick_config(str(tmp_path / "empty"), dataset="cifar10"),
+                           str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
