@@ -1,0 +1,99 @@
+"""The shifted-slice position output equals the lambda convolution in value and gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lambda_jax import LambdaLayer
+from lambda_jax.layers import position
+
+
+def _reference(queries, values, kernel):
+    """einsum of the queries with the lambda convolution's position lambdas: [b, n, h, v]."""
+    batch, heads, depth_k = queries.shape[0], queries.shape[-2], queries.shape[-1]
+    lambdas = position.lambda_convolution(values, kernel)
+    return jnp.einsum("bnhk,bnkv->bnhv", queries.reshape(batch, -1, heads, depth_k), lambdas,
+                      preferred_element_type=lambdas.dtype)
+
+
+@jax.jit
+def _value_and_vjp(queries, values, kernel, cotangent):
+    """Both implementations' outputs and their vector-Jacobian products with cotangent."""
+    results = []
+    for f in (position.local_position_output, _reference):
+        out, vjp = jax.vjp(f, queries, values, kernel)
+        results.append((out, vjp(cotangent.astype(out.dtype))))
+    return results
+
+
+def _inputs(spatial, heads, depth_k, depth_v, depth_u, r, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    s = len(spatial)
+    queries = jax.random.normal(keys[0], (2, *spatial, heads, depth_k)).astype(dtype)
+    values = jax.random.normal(keys[1], (2, *spatial, depth_v, depth_u)).astype(dtype)
+    kernel = jax.random.normal(keys[2], (r,) * s + (depth_k, depth_u)).astype(dtype)
+    cotangent = jax.random.normal(keys[3], (2, int(np.prod(spatial)), heads, depth_v))
+    return queries, values, kernel, cotangent
+
+
+CASES = [
+    ((5, 7), 2, 3, 4, 1, 3),  # non-square image
+    ((6, 4), 1, 2, 3, 3, 5),  # u > 1, r larger than one side
+    ((9,), 2, 3, 4, 2, 5),  # sequence
+    ((3, 4, 2), 2, 2, 3, 2, 3),  # volume
+]
+
+
+@pytest.mark.parametrize("spatial, heads, depth_k, depth_v, depth_u, r", CASES)
+def test_shift_output_equals_lambda_convolution_in_value_and_gradient(
+        spatial, heads, depth_k, depth_v, depth_u, r):
+    queries, values, kernel, cotangent = _inputs(spatial, heads, depth_k, depth_v, depth_u, r)
+    (out, grads), (expected, expected_grads) = _value_and_vjp(queries, values, kernel, cotangent)
+    assert out.shape == (2, int(np.prod(spatial)), heads, depth_v)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shift_output_bfloat16_matches_float32_reference():
+    queries, values, kernel, cotangent = _inputs((6, 5), 2, 4, 8, 2, 3, dtype=jnp.bfloat16)
+    (out, grads), _ = _value_and_vjp(queries, values, kernel, cotangent)
+    assert out.dtype == jnp.float32
+    as32 = [a.astype(jnp.float32) for a in (queries, values, kernel)]
+    (_, _), (expected, expected_grads) = _value_and_vjp(*as32, cotangent)
+    # Same bfloat16 inputs, float32 arithmetic in both: only the order of sums differs.
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+    for got, want, arg in zip(grads, expected_grads, (queries, values, kernel)):
+        assert got.dtype == jnp.bfloat16 == arg.dtype
+        error = np.asarray(got, np.float32) - np.asarray(want)
+        assert np.abs(error).max() < 1e-2 * np.abs(np.asarray(want)).max()
+
+
+def test_layer_implementations_agree_in_value_and_parameter_gradients():
+    shift = LambdaLayer(dim_out=8, dim_k=4, heads=2, dim_u=2, position="local",
+                        receptive_field=3, implementation="shift")
+    conv = shift.clone(implementation="conv")
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    variables = shift.init(jax.random.key(1), x)
+
+    def loss(layer):
+        def f(params, x):
+            out, _ = layer.apply({**variables, "params": params}, x, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(out)), out
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+            variables["params"], x)
+
+    (_, out_shift), grads_shift = loss(shift)
+    (_, out_conv), grads_conv = loss(conv)
+    np.testing.assert_allclose(out_shift, out_conv, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads_shift), jax.tree.leaves(grads_conv)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_implementation_raises_value_error_naming_the_field():
+    layer = LambdaLayer(dim_out=8, position="local", receptive_field=3, implementation="fft")
+    with pytest.raises(ValueError, match="LambdaLayer.implementation"):
+        layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 4)))
