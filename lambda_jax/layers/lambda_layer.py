@@ -51,9 +51,10 @@ class LambdaLayer(nn.Module):
       dim_u: intra-depth u.
       position: ``"global"``, ``"local"`` or ``"none"`` (content lambda only).
       receptive_field: scope r of the lambda convolution (odd, ``position="local"``).
-      implementation: how non-causal ``position="local"`` is computed: ``"shift"`` contracts the
-        queries with the kernel first and sums shifted value slices (fewer FLOPs, faster
-        on CPU, see ``benchmarks/``); ``"conv"`` is the paper's lambda convolution, one
+      implementation: how non-causal ``position="local"`` is computed: ``"shift"``
+        contracts the queries with the kernel first and sums shifted value slices (fewer
+        FLOPs, faster on CPU, see ``benchmarks/``); ``"conv"`` is the paper's lambda
+        convolution, one
         ``jax.lax.conv_general_dilated`` call. Both give the same values and gradients.
       use_batchnorm: normalise queries and values: batch norm, or layer norm over the
         channels of each position when ``causal`` (batch statistics over positions would
