@@ -39,7 +39,7 @@ def _inputs(spatial, heads, depth_k, depth_v, depth_u, r, dtype=jnp.float32, see
 
 CASES = [
     ((5, 7), 2, 3, 4, 1, 3),  # non-square image
-    ((6, 4), 1, 2, 3, 3, 5),  # u > 1, r larger than one side
+    ((3, 5), 1, 2, 3, 2, 7),  # u > 1, r wider than the input: offsets outside it skipped
     ((9,), 2, 3, 4, 2, 5),  # sequence
     ((3, 4, 2), 2, 2, 3, 2, 3),  # volume
 ]

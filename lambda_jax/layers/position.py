@@ -124,9 +124,18 @@ def lambda_convolution(values: jax.Array, kernel: jax.Array, causal: bool = Fals
     return jnp.transpose(out, (0, 2, 3, 1))
 
 
-def _offsets(receptive_field: int, rank: int) -> list[tuple[int, ...]]:
-    """Every kernel index of an r x ... x r scope, in the row-major order of the kernel."""
-    return list(itertools.product(range(receptive_field), repeat=rank))
+def _offsets(receptive_field: int, spatial: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
+    """The kernel offsets that reach into the input: ``(flat kernel index, start)`` pairs.
+
+    ``start`` is the offset's corner in the input zero-padded by ``(r - 1) // 2``; offsets
+    whose window lies wholly in the padding add nothing and are left out.
+    """
+    centre = (receptive_field - 1) // 2
+    return [
+        (o, start)
+        for o, start in enumerate(itertools.product(range(receptive_field), repeat=len(spatial)))
+        if all(abs(first - centre) < size for first, size in zip(start, spatial))
+    ]
 
 
 def _shifted(padded: jax.Array, start: Sequence[int], spatial: Sequence[int], axis: int):
@@ -145,8 +154,15 @@ def _pad_spatial(x: jax.Array, width: int, axis: int, rank: int) -> jax.Array:
 
 
 def _weights(queries: jax.Array, kernel: jax.Array) -> jax.Array:
-    """a = q·E: ``[batch, *spatial, h, k]``, ``[r^s, k, u]`` -> ``[r^s, u, batch, *spatial, h]``."""
+    """a = q·E: ``[batch, *spatial, h, k]``, ``[o, k, u]`` -> ``[o, u, batch, *spatial, h]``."""
     return jnp.einsum("...hk,oku->ou...h", queries, kernel)
+
+
+def _offset_kernel(kernel: jax.Array, offsets) -> jax.Array:
+    """The kernel rows of ``offsets``: ``[r, ..., r, k, u]`` -> ``[len(offsets), k, u]``."""
+    s = kernel.ndim - 2
+    flat = kernel.reshape(-1, *kernel.shape[s:])
+    return flat[np.array([o for o, _ in offsets])]
 
 
 def _shift_output(queries, values, kernel):
@@ -154,11 +170,11 @@ def _shift_output(queries, values, kernel):
     batch, *spatial, _, depth_u = values.shape
     s = len(spatial)
     r = kernel.shape[0]
-    flat_kernel = kernel.reshape(r**s, *kernel.shape[s:])
-    weights = _weights(queries, flat_kernel)
+    offsets = _offsets(r, spatial)
+    weights = _weights(queries, _offset_kernel(kernel, offsets))
     padded = _pad_spatial(values, (r - 1) // 2, 1, s)
     out = 0
-    for o, start in enumerate(_offsets(r, s)):
+    for o, (_, start) in enumerate(offsets):
         window = _shifted(padded, start, spatial, 1)  # [batch, *spatial, v, u]
         for j in range(depth_u):
             out = out + weights[o, j][..., None] * window[..., None, :, j]
@@ -188,23 +204,25 @@ def _shift_output_bwd(residuals, grad):
     s = len(spatial)
     r, c = kernel.shape[0], (kernel.shape[0] - 1) // 2
     heads = queries.shape[-2]
-    offsets = _offsets(r, s)
-    flat_kernel = kernel.reshape(r**s, *kernel.shape[s:])
+    offsets = _offsets(r, spatial)
+    offset_kernel = _offset_kernel(kernel, offsets)
 
     padded_values = _pad_spatial(values, c, 1, s)
     grad_weights = jnp.stack(
         [
             jnp.einsum("...hv,...vu->u...h", grad, _shifted(padded_values, start, spatial, 1))
-            for start in offsets
+            for _, start in offsets
         ]
-    )  # [r^s, u, batch, *spatial, h]
-    grad_queries = jnp.einsum("ou...h,oku->...hk", grad_weights, flat_kernel)
-    grad_kernel = jnp.einsum("ou...h,...hk->oku", grad_weights, queries)
+    )  # [offsets, u, batch, *spatial, h]
+    grad_queries = jnp.einsum("ou...h,oku->...hk", grad_weights, offset_kernel)
+    grad_offsets = jnp.einsum("ou...h,...hk->oku", grad_weights, queries)
+    grad_kernel = jnp.zeros((r**s,) + kernel.shape[s:], grad_offsets.dtype)
+    grad_kernel = grad_kernel.at[np.array([o for o, _ in offsets])].set(grad_offsets)
 
-    weights = _pad_spatial(_weights(queries, flat_kernel), c, 3, s)
+    weights = _pad_spatial(_weights(queries, offset_kernel), c, 3, s)
     grad_by_head = _pad_spatial(jnp.moveaxis(grad, -2, 0), c, 2, s)  # [h, batch, *S+2c, v]
     grad_values = [0] * depth_u
-    for o, start in enumerate(offsets):
+    for o, (_, start) in enumerate(offsets):
         source = [2 * c - first for first in start]  # the query m - o of context position m
         for j in range(depth_u):
             for head in range(heads):

@@ -1,0 +1,116 @@
+"""Measurement helpers shared by the benchmark scripts: time, compiled memory, FLOPs, output.
+
+Time is the median wall time of several runs after compilation; memory is XLA's compiled
+memory analysis (arguments + outputs + temporaries - aliased); FLOPs are XLA's cost
+analysis of the same compiled program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and one timed run: checks that the script works")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="directory for the JSON and PNG results")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after compilation")
+    return parser.parse_args()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "platform": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.local_devices()][:1],
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+    }
+
+
+def measure(fn: Callable, *args, runs: int = 5) -> dict[str, float]:
+    """Compiles ``fn``; returns its memory (bytes), FLOPs and median run time (seconds)."""
+    jitted = jax.jit(fn)
+    compiled = jitted.lower(*args).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return {
+        "seconds": seconds,
+        "memory_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+        "flops": flops,
+        "flops_per_second": flops / seconds if seconds else 0.0,
+    }
+
+
+def flops_of(fn: Callable, *args) -> float:
+    """XLA's cost-analysis FLOPs of ``fn`` without running it."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def matmul_flops_per_second(size: int = 2048, runs: int = 5) -> float:
+    """FLOP/s of ``jnp.dot`` of two float32 [size, size] arrays: the machine's matmul rate."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    result = measure(jnp.dot, a, a, runs=runs)
+    return 2.0 * size**3 / result["seconds"]
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Prints ``rows`` as a Markdown table with the given columns."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+
+
+def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), **payload}, f, indent=1)
+    return path
+
+
+def new_figure(ncols: int = 1):
+    """A matplotlib figure on the non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
+
+
+def save_figure(fig, out_dir: str, name: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

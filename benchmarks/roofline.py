@@ -1,0 +1,145 @@
+"""The lambda layer against the machine: time versus the roofline of the paper's formulation.
+
+The roofline time of a case is the FLOPs of the paper's formulation (XLA's cost analysis of
+``baselines.reference_lambda``, forward + backward) divided by the FLOP/s of a large dense
+matmul measured in the same run. A formulation with fewer FLOPs keeps the reference's
+roofline. The second table compares formulations of the local position term alone,
+``Σ_k q λp`` with ``λp`` from the lambda convolution.
+
+    PYTHONPATH=$PWD python benchmarks/roofline.py [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+import common  # noqa: E402
+from lambda_jax.layers import position  # noqa: E402
+
+
+def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul_rate):
+    rows = []
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
+    for name, pos, r in cases:
+        local = pos == "local"
+        ref_params = baselines.init_reference_lambda(
+            jax.random.key(1), channels, channels, dim_k, heads, (size, size),
+            receptive_field=r if local else None)
+        ref_apply = lambda p, x, pos=pos: baselines.reference_lambda(p, x, heads, pos)  # noqa: E731
+        reference_flops = common.flops_of(baselines.training_step(ref_apply), ref_params, x)
+        roofline = reference_flops / matmul_rate
+        implementations = ["shift", "conv"] if local else ["shift"]
+        variants = [("lambda_jax " + impl if local else "lambda_jax", impl)
+                    for impl in implementations]
+        variants.append(("paper formulation (jnp)", None))
+        for label, impl in variants:
+            if impl is None:
+                apply, params = ref_apply, ref_params
+            else:
+                settings = dict(dim_out=channels, dim_k=dim_k, heads=heads, position=pos,
+                                receptive_field=r or 1,
+                                implementation=impl)
+                apply, params = baselines.init_lambda_layer(jax.random.key(1), x, **settings)
+            forward = common.measure(apply, params, x, runs=runs)
+            train = common.measure(baselines.training_step(apply), params, x, runs=runs)
+            rows.append({
+                "case": name, "implementation": label,
+                "forward_ms": 1e3 * forward["seconds"], "train_ms": 1e3 * train["seconds"],
+                "train_gflop": train["flops"] / 1e9,
+                "achieved_gflops": train["flops_per_second"] / 1e9,
+                "reference_gflop": reference_flops / 1e9,
+                "roofline_ms": 1e3 * roofline,
+                "train_over_roofline": train["seconds"] / roofline,
+                "train_memory_mb": train["memory_bytes"] / 2**20,
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def position_term_rows(batch, size, dim_k, heads, depth_v, receptive_fields, runs):
+    """The local position term alone: [b, n, h, v] from queries, values and kernel."""
+    rows = []
+    keys = jax.random.split(jax.random.key(2), 3)
+    queries = jax.random.normal(keys[0], (batch, size, size, heads, dim_k))
+    values = jax.random.normal(keys[1], (batch, size, size, depth_v, 1))
+
+    def convolution(q, v, e):
+        lambdas = position.lambda_convolution(v, e)
+        return jnp.einsum("bnhk,bnkv->bnhv", q.reshape(batch, -1, heads, dim_k), lambdas)
+
+    def shift_autodiff(q, v, e):
+        flat = e.reshape(-1, *e.shape[2:])
+        out = position._shift_output(q, v, flat.reshape(e.shape))
+        return out.reshape(batch, -1, heads, depth_v)
+
+    formulations = [
+        ("lambda convolution, then q·λp (paper)", convolution),
+        ("a = q·E, shifted value slices, XLA's gradient", shift_autodiff),
+        ("a = q·E, shifted value slices, hand-written gradient (default)",
+         position.local_position_output),
+    ]
+    for r in receptive_fields:
+        kernel = jax.random.normal(keys[2], (r, r, dim_k, 1))
+        for label, f in formulations:
+            loss = lambda q, v, e, f=f: jnp.sum(f(q, v, e))  # noqa: E731
+            forward = common.measure(f, queries, values, kernel, runs=runs)
+            train = common.measure(jax.grad(loss, argnums=(0, 1, 2)), queries, values, kernel,
+                                   runs=runs)
+            rows.append({
+                "r": r, "formulation": label,
+                "forward_ms": 1e3 * forward["seconds"], "forward_gflop": forward["flops"] / 1e9,
+                "backward_ms": 1e3 * train["seconds"], "backward_gflop": train["flops"] / 1e9,
+                "backward_memory_mb": train["memory_bytes"] / 2**20,
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    args = common.parse_args(__doc__.splitlines()[0])
+    if args.smoke:
+        batch, size, channels, runs = 2, 8, 16, 1
+        cases = [("global", "global", None), ("local r=3", "local", 3), ("content only", "none", None)]
+        receptive_fields = [3]
+    else:
+        batch, size, channels, runs = 8, 32, 128, args.runs
+        cases = [("global", "global", None), ("local r=9", "local", 9),
+                 ("local r=23", "local", 23), ("content only", "none", None)]
+        receptive_fields = [9]
+    dim_k, heads = 16, 4
+    matmul_rate = common.matmul_flops_per_second(256 if args.smoke else 2048, runs)
+    print(f"matmul: {matmul_rate / 1e9:.1f} GFLOP/s")
+    layers = layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul_rate)
+    terms = position_term_rows(batch, size, dim_k, heads, channels // heads, receptive_fields,
+                               runs)
+    common.print_table(layers, ["case", "implementation", "forward_ms", "train_ms",
+                                "train_gflop", "achieved_gflops", "reference_gflop",
+                                "roofline_ms", "train_over_roofline", "train_memory_mb"])
+    print()
+    common.print_table(terms, ["r", "formulation", "forward_ms", "forward_gflop",
+                               "backward_ms", "backward_gflop", "backward_memory_mb"])
+    settings = dict(batch=batch, size=size, channels=channels, dim_k=dim_k, heads=heads,
+                    runs=runs, matmul_gflops=matmul_rate / 1e9)
+    print(common.write_json(args.out, "roofline", {"settings": settings, "layers": layers,
+                                                   "position_term": terms}))
+    fig, axes = common.new_figure()
+    ax = axes[0, 0]
+    labels = [f"{row['case']}\n{row['implementation']}" for row in layers]
+    ax.barh(range(len(layers)), [row["train_over_roofline"] for row in layers])
+    ax.axvline(2.0, color="k", linestyle="--", label="2x roofline")
+    ax.set_yticks(range(len(layers)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("forward+backward time / roofline time")
+    ax.set_title(f"batch {batch}, {size}x{size}, {channels} channels, k={dim_k}, h={heads}")
+    ax.legend()
+    print(common.save_figure(fig, args.out, "roofline"))
+
+
+if __name__ == "__main__":
+    main()

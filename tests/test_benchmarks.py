@@ -1,0 +1,62 @@
+"""Each benchmark script runs once at tiny sizes and writes its JSON and plot (no timing checks)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_smoke(script, out_dir):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    # The scripts measure one device, as users run them.
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", "--out",
+         str(out_dir)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = script.removesuffix(".py")
+    with open(out_dir / f"{name}.json") as f:
+        payload = json.load(f)
+    assert (out_dir / f"{name}.png").stat().st_size > 0
+    assert payload["machine"]["platform"] == "cpu"
+    return payload, result.stdout
+
+
+@pytest.mark.slow
+def test_roofline_smoke(tmp_path):
+    payload, stdout = _run_smoke("roofline.py", tmp_path)
+    assert payload["settings"]["matmul_gflops"] > 0
+    cases = {(row["case"], row["implementation"]) for row in payload["layers"]}
+    assert ("local r=3", "lambda_jax shift") in cases
+    assert ("local r=3", "paper formulation (jnp)") in cases
+    for row in payload["layers"]:
+        assert row["train_ms"] > 0 and row["reference_gflop"] > 0
+    assert len(payload["position_term"]) == 3
+    assert "| case | implementation |" in stdout
+
+
+@pytest.mark.slow
+def test_layer_scaling_smoke(tmp_path):
+    payload, _ = _run_smoke("layer_scaling.py", tmp_path)
+    layers = {row["layer"] for row in payload["rows"]}
+    assert layers == {"lambda global", "lambda local r=7", "lambda local r=23",
+                      "relative self-attention", "linear attention", "3x3 convolution"}
+    for row in payload["rows"]:
+        assert row["memory_mb"] > 0
+
+
+@pytest.mark.slow
+def test_torch_compare_smoke(tmp_path):
+    for module in ("torch", "timm", "lambda_networks"):
+        pytest.importorskip(module, reason='the comparison needs pip install -e ".[bench]"')
+    payload, _ = _run_smoke("torch_compare.py", tmp_path)
+    names = {row["implementation"] for row in payload["rows"]}
+    assert {"lambda_jax", "timm", "lambda-networks"} <= names
+    for row in payload["rows"]:
+        assert row["forward_ms"] > 0 and row["train_ms"] > 0
