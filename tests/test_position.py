@@ -97,3 +97,27 @@ def test_unknown_implementation_raises_value_error_naming_the_field():
     layer = LambdaLayer(dim_out=8, position="local", receptive_field=3, implementation="fft")
     with pytest.raises(ValueError, match="LambdaLayer.implementation"):
         layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 4)))
+
+
+@pytest.mark.parametrize("spatial", [(4, 6), (10,)], ids=["image", "sequence"])
+def test_chunked_global_lambdas_equal_unchunked_in_value_and_gradient(spatial):
+    keys = jax.random.split(jax.random.key(0), 3)
+    values = jax.random.normal(keys[0], (2, *spatial, 3, 2))
+    table = jax.random.normal(keys[1], tuple(2 * s - 1 for s in spatial) + (4, 2))
+    cotangent = jax.random.normal(keys[2], (2, int(np.prod(spatial)), 4, 3))
+    n = int(np.prod(spatial))
+    row_bytes = n * 4 * 2 * 4
+
+    @jax.jit
+    def value_and_grads(values, table):
+        results = []
+        for chunk_bytes in (n * row_bytes, 2 * row_bytes):  # one chunk; n / 2 chunks
+            f = lambda v, t, c=chunk_bytes: position.global_position_lambdas(v, t, c)  # noqa: E731
+            out, vjp = jax.vjp(f, values, table)
+            results.append((out, vjp(cotangent)))
+        return results
+
+    (out, grads), (chunked, chunked_grads) = value_and_grads(values, table)
+    np.testing.assert_allclose(chunked, out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(chunked_grads, grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

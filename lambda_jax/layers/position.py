@@ -69,25 +69,63 @@ def relative_embeddings(table: jax.Array, spatial_shape: Sequence[int]) -> jax.A
     return flat[relative_position_index(spatial_shape)]
 
 
-def global_position_lambdas(values: jax.Array, table: jax.Array) -> jax.Array:
+def _relative_rows(queries: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+    """``relative_position_index(spatial_shape)[queries]`` computed in the graph: ``[c, n]``."""
+    n = math.prod(spatial_shape)
+    contexts = np.arange(n)
+    rows = 0
+    stride = n
+    for size in spatial_shape:
+        stride //= size
+        query_coord = (queries // stride) % size
+        context_coord = (contexts // stride) % size
+        rows = rows * (2 * size - 1) + context_coord[None, :] - query_coord[:, None] + size - 1
+    return rows
+
+
+def global_position_lambdas(
+    values: jax.Array, table: jax.Array, chunk_bytes: int = 2**25
+) -> jax.Array:
     """Position lambdas over the whole input, ``λp_n = Σ_m,u E[n,m,k,u] V[m,v,u]``.
+
+    The embeddings E of all (query, context) pairs take ``n*n*k*u`` numbers; when they
+    would exceed ``chunk_bytes`` the queries are processed in chunks whose E is built,
+    used and rebuilt for the gradient, so memory stays at one chunk's E (plus the
+    ``[batch, n, k, v]`` lambdas) instead of growing with n^2.
 
     Args:
       values: ``[batch, *spatial, v, u]``.
       table: ``[2*S_1-1, ..., 2*S_s-1, k, u]``.
+      chunk_bytes: the most memory one chunk's embeddings may take.
 
     Returns:
       ``[batch, n, k, v]`` in ``accumulation_dtype(values.dtype)``.
     """
-    spatial = values.shape[1:-2]
-    embeddings = relative_embeddings(table, spatial).astype(values.dtype)
-    flat_values = values.reshape(values.shape[0], -1, *values.shape[-2:])
-    return jnp.einsum(
-        "nmku,bmvu->bnkv",
-        embeddings,
-        flat_values,
-        preferred_element_type=accumulation_dtype(values.dtype),
-    )
+    batch, *spatial, depth_v, depth_u = values.shape
+    n = math.prod(spatial)
+    depth_k = table.shape[-2]
+    chex.assert_shape(table, [2 * size - 1 for size in spatial] + [None, depth_u])
+    flat_values = values.reshape(batch, n, depth_v, depth_u)
+    accumulate = accumulation_dtype(values.dtype)
+    row_bytes = n * depth_k * depth_u * jnp.dtype(values.dtype).itemsize
+    chunk = max((c for c in range(1, n + 1) if n % c == 0 and c * row_bytes <= chunk_bytes),
+                default=1)
+    if chunk == n:
+        embeddings = relative_embeddings(table, spatial).astype(values.dtype)
+        return jnp.einsum(
+            "nmku,bmvu->bnkv", embeddings, flat_values, preferred_element_type=accumulate
+        )
+    flat_table = table.reshape(-1, depth_k, depth_u).astype(values.dtype)
+
+    @jax.checkpoint
+    def one_chunk(start):
+        embeddings = flat_table[_relative_rows(start + jnp.arange(chunk), spatial)]
+        return jnp.einsum(
+            "nmku,bmvu->bnkv", embeddings, flat_values, preferred_element_type=accumulate
+        )
+
+    out = jax.lax.map(one_chunk, jnp.arange(0, n, chunk))  # [n // chunk, batch, chunk, k, v]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, n, depth_k, depth_v)
 
 
 def lambda_convolution(values: jax.Array, kernel: jax.Array, causal: bool = False) -> jax.Array:
