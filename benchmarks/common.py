@@ -40,27 +40,46 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure(fn: Callable, *args, runs: int = 5) -> dict[str, float]:
-    """Compiles ``fn``; returns its memory (bytes), FLOPs and median run time (seconds)."""
-    jitted = jax.jit(fn)
-    compiled = jitted.lower(*args).compile()
+def compile_case(fn: Callable, *args) -> dict[str, Any]:
+    """Compiles ``fn``: a no-argument ``run`` (blocks until done), its memory and FLOPs."""
+    compiled = jax.jit(fn).lower(*args).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     return {
-        "seconds": seconds,
+        "run": lambda: jax.block_until_ready(compiled(*args)),
         "memory_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                             + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
-        "flops": flops,
-        "flops_per_second": flops / seconds if seconds else 0.0,
+        "flops": float(cost.get("flops", 0.0)) if cost else 0.0,
+    }
+
+
+def time_interleaved(runs_by_name: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median seconds of each no-argument callable, timed in rounds that take turns.
+
+    Taking turns within each round exposes every variant to the same changes of the
+    machine's load, so their ratios stay fair on a shared machine.
+    """
+    for run in runs_by_name.values():
+        run()  # warm-up: first-call work is not timed
+    times = {name: [] for name in runs_by_name}
+    for _ in range(runs):
+        for name, run in runs_by_name.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def measure(fn: Callable, *args, runs: int = 5) -> dict[str, float]:
+    """Compiles ``fn``; returns its memory (bytes), FLOPs and median run time (seconds)."""
+    case = compile_case(fn, *args)
+    seconds = time_interleaved({"case": case["run"]}, runs)["case"]
+    return {
+        "seconds": seconds,
+        "memory_bytes": case["memory_bytes"],
+        "flops": case["flops"],
+        "flops_per_second": case["flops"] / seconds if seconds else 0.0,
     }
 
 
@@ -71,11 +90,13 @@ def flops_of(fn: Callable, *args) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def matmul_flops_per_second(size: int = 2048, runs: int = 5) -> float:
-    """FLOP/s of ``jnp.dot`` of two float32 [size, size] arrays: the machine's matmul rate."""
+def matmul_case(size: int = 2048) -> dict[str, Any]:
+    """``compile_case`` of ``jnp.dot`` of two float32 [size, size] arrays: the machine's
+    matmul rate is its ``flops`` over its run time."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    result = measure(jnp.dot, a, a, runs=runs)
-    return 2.0 * size**3 / result["seconds"]
+    case = compile_case(jnp.dot, a, a)
+    case["flops"] = 2.0 * size**3
+    return case
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -23,7 +23,12 @@ import common  # noqa: E402
 from lambda_jax.layers import position  # noqa: E402
 
 
-def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul_rate):
+def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
+    """One row per (case, implementation); ``matmul`` is the compiled reference matmul.
+
+    The variants of a case and the matmul are timed taking turns, so each case's roofline
+    uses the matmul rate of the same moments.
+    """
     rows = []
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     for name, pos, r in cases:
@@ -33,29 +38,37 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul_rate):
             receptive_field=r if local else None)
         ref_apply = lambda p, x, pos=pos: baselines.reference_lambda(p, x, heads, pos)  # noqa: E731
         reference_flops = common.flops_of(baselines.training_step(ref_apply), ref_params, x)
-        roofline = reference_flops / matmul_rate
         implementations = ["shift", "conv"] if local else ["shift"]
-        variants = [("lambda_jax " + impl if local else "lambda_jax", impl)
-                    for impl in implementations]
-        variants.append(("paper formulation (jnp)", None))
-        for label, impl in variants:
+        variants = {("lambda_jax " + impl if local else "lambda_jax"): impl
+                    for impl in implementations}
+        variants["paper formulation (jnp)"] = None
+        compiled = {}
+        for label, impl in variants.items():
             if impl is None:
                 apply, params = ref_apply, ref_params
             else:
                 settings = dict(dim_out=channels, dim_k=dim_k, heads=heads, position=pos,
-                                receptive_field=r or 1,
-                                implementation=impl)
+                                receptive_field=r or 1, implementation=impl)
                 apply, params = baselines.init_lambda_layer(jax.random.key(1), x, **settings)
-            forward = common.measure(apply, params, x, runs=runs)
-            train = common.measure(baselines.training_step(apply), params, x, runs=runs)
+            compiled[label, "forward"] = common.compile_case(apply, params, x)
+            compiled[label, "train"] = common.compile_case(
+                baselines.training_step(apply), params, x)
+        runners = {key: case["run"] for key, case in compiled.items()}
+        runners["matmul"] = matmul["run"]
+        seconds = common.time_interleaved(runners, runs)
+        roofline = reference_flops / (matmul["flops"] / seconds["matmul"])
+        for label in variants:
+            train = compiled[label, "train"]
             rows.append({
                 "case": name, "implementation": label,
-                "forward_ms": 1e3 * forward["seconds"], "train_ms": 1e3 * train["seconds"],
+                "forward_ms": 1e3 * seconds[label, "forward"],
+                "train_ms": 1e3 * seconds[label, "train"],
                 "train_gflop": train["flops"] / 1e9,
-                "achieved_gflops": train["flops_per_second"] / 1e9,
+                "achieved_gflops": train["flops"] / seconds[label, "train"] / 1e9,
                 "reference_gflop": reference_flops / 1e9,
+                "matmul_gflops": matmul["flops"] / seconds["matmul"] / 1e9,
                 "roofline_ms": 1e3 * roofline,
-                "train_over_roofline": train["seconds"] / roofline,
+                "train_over_roofline": seconds[label, "train"] / roofline,
                 "train_memory_mb": train["memory_bytes"] / 2**20,
             })
             print(rows[-1], flush=True)
@@ -86,16 +99,22 @@ def position_term_rows(batch, size, dim_k, heads, depth_v, receptive_fields, run
     ]
     for r in receptive_fields:
         kernel = jax.random.normal(keys[2], (r, r, dim_k, 1))
+        compiled = {}
         for label, f in formulations:
             loss = lambda q, v, e, f=f: jnp.sum(f(q, v, e))  # noqa: E731
-            forward = common.measure(f, queries, values, kernel, runs=runs)
-            train = common.measure(jax.grad(loss, argnums=(0, 1, 2)), queries, values, kernel,
-                                   runs=runs)
+            compiled[label, "forward"] = common.compile_case(f, queries, values, kernel)
+            compiled[label, "train"] = common.compile_case(
+                jax.grad(loss, argnums=(0, 1, 2)), queries, values, kernel)
+        seconds = common.time_interleaved(
+            {key: case["run"] for key, case in compiled.items()}, runs)
+        for label, _ in formulations:
             rows.append({
                 "r": r, "formulation": label,
-                "forward_ms": 1e3 * forward["seconds"], "forward_gflop": forward["flops"] / 1e9,
-                "backward_ms": 1e3 * train["seconds"], "backward_gflop": train["flops"] / 1e9,
-                "backward_memory_mb": train["memory_bytes"] / 2**20,
+                "forward_ms": 1e3 * seconds[label, "forward"],
+                "forward_gflop": compiled[label, "forward"]["flops"] / 1e9,
+                "train_ms": 1e3 * seconds[label, "train"],
+                "train_gflop": compiled[label, "train"]["flops"] / 1e9,
+                "train_memory_mb": compiled[label, "train"]["memory_bytes"] / 2**20,
             })
             print(rows[-1], flush=True)
     return rows
@@ -113,19 +132,18 @@ def main():
                  ("local r=23", "local", 23), ("content only", "none", None)]
         receptive_fields = [9]
     dim_k, heads = 16, 4
-    matmul_rate = common.matmul_flops_per_second(256 if args.smoke else 2048, runs)
-    print(f"matmul: {matmul_rate / 1e9:.1f} GFLOP/s")
-    layers = layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul_rate)
+    matmul = common.matmul_case(256 if args.smoke else 2048)
+    layers = layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul)
     terms = position_term_rows(batch, size, dim_k, heads, channels // heads, receptive_fields,
                                runs)
     common.print_table(layers, ["case", "implementation", "forward_ms", "train_ms",
                                 "train_gflop", "achieved_gflops", "reference_gflop",
-                                "roofline_ms", "train_over_roofline", "train_memory_mb"])
+                                "matmul_gflops", "roofline_ms", "train_over_roofline", "train_memory_mb"])
     print()
     common.print_table(terms, ["r", "formulation", "forward_ms", "forward_gflop",
-                               "backward_ms", "backward_gflop", "backward_memory_mb"])
+                               "train_ms", "train_gflop", "train_memory_mb"])
     settings = dict(batch=batch, size=size, channels=channels, dim_k=dim_k, heads=heads,
-                    runs=runs, matmul_gflops=matmul_rate / 1e9)
+                    runs=runs)
     print(common.write_json(args.out, "roofline", {"settings": settings, "layers": layers,
                                                    "position_term": terms}))
     fig, axes = common.new_figure()

@@ -13,9 +13,7 @@ PyTorch gets as many threads as the machine has cores, as XLA uses.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +21,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from lambda_jax import LambdaLayer  # noqa: E402
-
-
-def time_torch(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_layers(torch, channels, size, dim_k, heads, r):
@@ -53,7 +41,8 @@ def torch_layers(torch, channels, size, dim_k, heads, r):
     return layers
 
 
-def measure_torch(torch, layer, x, runs):
+def torch_runners(torch, layer, x):
+    """No-argument forward (inference) and training-step callables of a PyTorch layer."""
     def forward():
         layer.eval()
         with torch.no_grad():
@@ -65,10 +54,11 @@ def measure_torch(torch, layer, x, runs):
         x.grad = None
         layer(x).sum().backward()
 
-    return time_torch(forward, runs), time_torch(train, runs)
+    return forward, train
 
 
-def measure_jax(x, settings, runs):
+def jax_runners(x, settings):
+    """No-argument forward (inference) and training-step callables of a LambdaLayer."""
     layer = LambdaLayer(**settings)
     variables = layer.init(jax.random.key(0), x)
 
@@ -77,9 +67,9 @@ def measure_jax(x, settings, runs):
                              mutable=["batch_stats"])
         return jnp.sum(out)
 
-    forward = common.measure(lambda v, x: layer.apply(v, x), variables, x, runs=runs)
-    train = common.measure(jax.grad(loss, argnums=(0, 1)), variables["params"], x, runs=runs)
-    return forward["seconds"], train["seconds"]
+    forward = common.compile_case(lambda v, x: layer.apply(v, x), variables, x)
+    train = common.compile_case(jax.grad(loss, argnums=(0, 1)), variables["params"], x)
+    return forward["run"], train["run"]
 
 
 def main():
@@ -101,10 +91,14 @@ def main():
         jax_variants = {"lambda_jax": dict(base)}
         if scope == "local":
             jax_variants["lambda_jax (implementation='conv')"] = dict(base, implementation="conv")
-        results = {name: measure_jax(x_jax, s, runs) for name, s in jax_variants.items()}
+        runners = {name: jax_runners(x_jax, s) for name, s in jax_variants.items()}
         for name, layer in torch_layers(torch, channels, size, dim_k, heads,
                                         receptive_field).items():
-            results[name] = measure_torch(torch, layer, x_torch, runs)
+            runners[name] = torch_runners(torch, layer, x_torch)
+        # Every variant takes turns within each timed round (see common.time_interleaved).
+        forward = common.time_interleaved({n: r[0] for n, r in runners.items()}, runs)
+        train = common.time_interleaved({n: r[1] for n, r in runners.items()}, runs)
+        results = {name: (forward[name], train[name]) for name in runners}
         ours_forward, ours_train = results["lambda_jax"]
         for name, (forward, train) in results.items():
             rows.append({
