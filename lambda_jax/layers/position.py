@@ -221,7 +221,12 @@ def _shift_output(queries, values, kernel):
 
 @jax.custom_vjp
 def _shift_output_vjp(queries, values, kernel):
-    return _shift_output(queries, values, kernel)
+    # Without a gradient the lambda convolution is used: in a whole layer XLA's CPU fusion
+    # of the shifted sum with the output reshape to h*v runs slower than the convolution.
+    lambdas = lambda_convolution(values, kernel)  # [batch, n, k, v]
+    out = jnp.einsum("bnhk,bnkv->bnhv", queries.reshape(*lambdas.shape[:2], -1,
+                                                        lambdas.shape[2]), lambdas)
+    return out.reshape(*queries.shape[:-1], lambdas.shape[-1])
 
 
 def _shift_output_fwd(queries, values, kernel):
@@ -282,10 +287,12 @@ _shift_output_vjp.defvjp(_shift_output_fwd, _shift_output_bwd)
 def local_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array) -> jax.Array:
     """The queries applied to the lambda convolution's position lambdas, ``Σ_k q λp``.
 
-    Equal to ``einsum("bnhk,bnkv->bnhv", queries, lambda_convolution(values, kernel))`` but
+    Equal to ``einsum("bnhk,bnkv->bnhv", queries, lambda_convolution(values, kernel))``,
+    which is what it computes when no gradient is taken. Under differentiation it
     contracts the queries with the kernel first, ``a = q·E`` (``[batch, n, h, r^s, u]``),
-    and then sums the r^s shifted value slices weighted by ``a``: h*(k+v) instead of k*v
-    multiply-adds per offset, with no ``[batch, n, k, v]`` position lambdas in memory.
+    sums the r^s shifted value slices weighted by ``a`` (h*(k+v) instead of k*v
+    multiply-adds per offset) and computes the gradients by the same shifted passes,
+    which is faster than the convolution's own gradient.
 
     Args:
       queries: ``[batch, *spatial, h, k]``.
