@@ -15,6 +15,7 @@ from lambda_jax.layers import position as position_lib
 
 POSITIONS = ("global", "local", "none")
 IMPLEMENTATIONS = ("shift", "conv")
+STRIDE_POOLS = ("3x3", "2x2")
 
 
 def _normal(stddev: float) -> nn.initializers.Initializer:
@@ -41,6 +42,17 @@ class LambdaLayer(nn.Module):
     Sums over context positions accumulate in float32 whatever ``dtype`` is, so bfloat16
     compute stays finite for large inputs.
 
+    Where the PyTorch ports deviate from the paper, the paper is the default and the ported
+    behaviour a field (``lambda_jax.convert`` loads their weights into layers set this way):
+
+    * ``position_bias=True``: a learned bias ``[k]`` added to the position lambdas, as the
+      bias of the lambda convolution in timm's and lambda-networks' ``LambdaLayer``; the paper
+      has none.
+    * ``stride=2, stride_pool="2x2"``: 2x2 average pooling of the output without padding
+      (odd sizes floored), as timm; the paper (its LambdaResNets) strides with 3x3 average
+      pooling after the layer, ``stride_pool="3x3"``, padded like TensorFlow's ``"SAME"``
+      with the padding left out of the averages.
+
     Initialisation follows the paper: ``W_Q ~ N(0, (k d)^-1/2)``, ``W_K, W_V ~ N(0, d^-1/2)``,
     position embeddings ``N(0, 1)``; projections have no bias.
 
@@ -64,6 +76,11 @@ class LambdaLayer(nn.Module):
         visible prefix, and the local scope is the r positions ending at n (the kernel's
         index j holds the offset ``j - (r - 1)``). Decode step by step with
         ``init_decode_state`` and ``decode_state=``.
+      position_bias: learned bias ``[k]`` on the position lambdas (PyTorch ports; not in the
+        paper).
+      stride: 1, or 2 to average-pool the output to ``ceil(size / 2)`` (``"3x3"``) or
+        ``floor(size / 2)`` (``"2x2"``) per spatial axis.
+      stride_pool: ``"3x3"`` (paper) or ``"2x2"`` (timm), the pooling used when ``stride=2``.
       axis_name: mapped axis over which batch-norm statistics are averaged
         (cross-device batch norm under ``pmap``/``shard_map``).
       bn_momentum: momentum of the batch-norm running statistics.
@@ -81,6 +98,9 @@ class LambdaLayer(nn.Module):
     implementation: str = "shift"
     use_batchnorm: bool = True
     causal: bool = False
+    position_bias: bool = False
+    stride: int = 1
+    stride_pool: str = "3x3"
     axis_name: Optional[Any] = None
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -120,6 +140,19 @@ class LambdaLayer(nn.Module):
             raise ValueError(
                 "LambdaLayer.causal needs sequences [batch, length, channels]; got an input "
                 f"of shape {x.shape}."
+            )
+        if self.position_bias and self.position == "none":
+            raise ValueError(
+                "LambdaLayer.position_bias needs position lambdas: set position='global' or "
+                "'local', or position_bias=False."
+            )
+        if self.stride not in (1, 2) or (self.causal and self.stride != 1):
+            raise ValueError(
+                f"LambdaLayer.stride must be 1 or 2 (1 when causal), got {self.stride}."
+            )
+        if self.stride_pool not in STRIDE_POOLS:
+            raise ValueError(
+                f"LambdaLayer.stride_pool must be one of {STRIDE_POOLS}, got {self.stride_pool!r}."
             )
         if x.ndim not in (3, 4, 5):
             raise ValueError(
@@ -216,8 +249,8 @@ class LambdaLayer(nn.Module):
             previous step; ``x`` is then one position ``[batch, 1, channels]``.
 
         Returns:
-          ``[batch, *spatial, dim_out]``; with ``decode_state``, the pair
-          ``([batch, 1, dim_out], next DecodeState)``.
+          ``[batch, *spatial, dim_out]`` (each spatial size halved when ``stride=2``);
+          with ``decode_state``, the pair ``([batch, 1, dim_out], next DecodeState)``.
         """
         self._check_settings(x)
         if context is None:
@@ -296,6 +329,9 @@ class LambdaLayer(nn.Module):
                 lambdas = lambdas + position_lib.global_position_lambdas(values, table)
             elif kernel is not None and self.implementation == "conv":
                 lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
+        if self.position_bias:
+            bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
+            lambdas = lambdas + bias[:, None].astype(lambdas.dtype)
 
         out = jnp.einsum(
             "bnhk,bnkv->bnhv",
@@ -317,4 +353,15 @@ class LambdaLayer(nn.Module):
         chex.assert_shape(out, (batch, *spatial, self.dim_out))
         if decode_state is not None:
             return out, decode_state
+        if self.stride == 2:
+            out = self._pool(out)
         return out
+
+    def _pool(self, out: jax.Array) -> jax.Array:
+        """Average-pools ``[batch, *spatial, dim_out]`` with stride 2 on every spatial axis."""
+        s = out.ndim - 2
+        if self.stride_pool == "2x2":
+            return nn.avg_pool(out, (2,) * s, strides=(2,) * s, padding="VALID")
+        return nn.avg_pool(
+            out, (3,) * s, strides=(2,) * s, padding="SAME", count_include_pad=False
+        )
