@@ -1,7 +1,7 @@
 """Models: bottleneck ResNets with convolution, lambda or self-attention slots, by name;
-causal language models with lambda layers in place of attention."""
+causal language models with lambda layers in place of attention; timm's LambdaResNets."""
 
-from lambda_jax.models import families
+from lambda_jax.models import byoanet, families
 from lambda_jax.models.language import AttentionLanguageModel, LambdaLanguageModel
 from lambda_jax.models.registry import create_model, list_models, register_model
 from lambda_jax.models.resnet import (
@@ -11,6 +11,7 @@ from lambda_jax.models.resnet import (
     LambdaSlot,
     ResNet,
 )
+from lambda_jax.models.byoanet import TimmLambdaResNet
 
 ARCHITECTURES = families.ARCHITECTURES
 
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionSlot",
     "Bottleneck",
     "ConvSlot",
+    "TimmLambdaResNet",
     "LambdaLanguageModel",
     "LambdaSlot",
     "ResNet",

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lambda_jax.layers.lambda_layer import LambdaLayer
+from lambda_jax.models.families import ARCHITECTURES
 from lambda_jax.models.registry import register_model
 
 ModuleDef = Any
@@ -92,7 +93,7 @@ class LambdaBottleneck(nn.Module):
         if self.block == "bottle":
             y = conv(mid, 3, stride=self.stride, activation=self.activation, name="conv2_kxk")(y)
         else:
-            y = self.lambda_layer(dim_out=mid, stride=self.stride, name="self_attn")(y, train)
+            y = self.lambda_layer(dim_out=mid, stride=self.stride, name="self_attn")(y, train=train)
             y = self.activation(self.norm(name="post_attn")(y))
         y = conv(self.features, 1, name="conv3_1x1")(y)
         return self.activation(y + shortcut)
@@ -209,34 +210,45 @@ class TimmLambdaResNet(nn.Module):
 
 _TIERED_26 = (("bottle",) * 2, ("bottle",) * 2, ("bottle", "self_attn"), ("self_attn",) * 2)
 
+# The TimmLambdaResNet fields of each name, with timm's description; timm's weights are
+# for 256x256 images (10.96M, 21.54M and 10.99M parameters).
 CONFIGS: dict[str, dict[str, Any]] = {
-    # Lambda layers with a 9x9 lambda convolution in the last two stages.
-    "lambda_resnet26t": dict(stage_blocks=_TIERED_26, position="local"),
-    # SiLU; lambda layers every fourth block of stage 2, every second of stages 3 and 4.
+    "lambda_resnet26t": dict(
+        stage_blocks=_TIERED_26, position="local",
+        description="timm's Lambda-ResNet-26-T: 9x9 lambda convolutions in the last two stages.",
+    ),
     "lambda_resnet50ts": dict(
         stage_blocks=(("bottle",) * 3, ("bottle",) * 3 + ("self_attn",),
                       ("bottle", "self_attn") * 3, ("bottle", "self_attn", "bottle")),
         activation="silu",
         position="local",
+        description="timm's Lambda-ResNet-50-TS: SiLU; 9x9 lambda convolutions in the fourth "
+                    "block of stage 2 and every second block of stages 3 and 4.",
     ),
-    # Global relative embeddings in the last two stages, 256x256 inputs only.
-    "lambda_resnet26rpt_256": dict(stage_blocks=_TIERED_26, position="global", image_size=256),
+    "lambda_resnet26rpt_256": dict(
+        stage_blocks=_TIERED_26, position="global", image_size=256,
+        description="timm's Lambda-ResNet-26-R-T: global relative embeddings in the last two "
+                    "stages, 256x256 images only.",
+    ),
 }
 
 _FIELDS = {field.name for field in dataclasses.fields(TimmLambdaResNet)} - {"parent", "name"}
 
 
-def _factory(config: dict[str, Any]) -> Callable[..., TimmLambdaResNet]:
-    def create(*, num_classes: int = 1000, dtype: Any = jnp.float32,
-               **overrides: Any) -> TimmLambdaResNet:
+def _register(name: str, description: str, **config: Any) -> None:
+    ARCHITECTURES[name] = dict(config, description=description, resolution=256)
+
+    def factory(*, num_classes: int = 1000, dtype: Any = jnp.float32,
+                **overrides: Any) -> TimmLambdaResNet:
         unknown = sorted(set(overrides) - _FIELDS)
         if unknown:
-            raise ValueError(f"Unknown override(s) {unknown} for TimmLambdaResNet; its "
-                             f"fields are {sorted(_FIELDS)}.")
-        return TimmLambdaResNet(num_classes=num_classes, dtype=dtype,
-                                **{**config, **overrides})
-    return create
+            raise ValueError(f"Unknown settings {unknown} for model {name!r}; the settings "
+                             f"are {sorted(_FIELDS - {'num_classes', 'dtype'})}.")
+        return TimmLambdaResNet(num_classes=num_classes, dtype=dtype, **{**config, **overrides})
+
+    factory.__doc__ = description
+    register_model(name)(factory)
 
 
 for _name, _config in CONFIGS.items():
-    register_model(_name)(_factory(_config))
+    _register(_name, **_config)
