@@ -49,6 +49,13 @@ def test_layer_outputs_and_input_gradients_match(case, train):
     assert_layer_matches(reference, layer, variables, images, train)
 
 
+@pytest.fixture(autouse=True)
+def _release_compiled_models():
+    # The whole suite runs in one process: free each model's compiled code after its test.
+    yield
+    jax.clear_caches()
+
+
 def _check_model(name, size, train):
     """Logits and the input gradient of the mean cross-entropy, timm vs lambda_jax."""
     torch.manual_seed(0)
