@@ -14,10 +14,12 @@ import lambda_jax
 from lambda_jax.models import (
     ARCHITECTURES,
     AttentionSlot,
+    AugmentedConvSlot,
     Bottleneck,
     ConvSlot,
     LambdaSlot,
     ResNet,
+    SANSlot,
     registry,
 )
 
@@ -34,6 +36,8 @@ PAPER_PARAMETER_COUNTS = [
     ("resnet50_lambda_table3", 15.0),  # Table 3 'lambda layer'; placement L-L-L-L
     ("resnet50_lambda_u4_table3", 16.0),  # Table 3 'lambda layer, u=4'
     ("resnet50_local_attention_table3", 18.0),  # Table 3 'local relative self-attention'
+    ("resnet50_augmented_attention_table3", 25.8),  # Table 3 'conv + relative self-attention'
+    ("resnet50_san_patchwise_table3", 20.5),  # Table 3 'local relative self-attention (Zhao)'
     ("resnet50_placement_cccc", 25.6),
     ("resnet50_placement_lccc", 25.5),
     ("resnet50_placement_llcc", 25.0),
@@ -112,6 +116,11 @@ def test_overrides_from_configs_give_a_hashable_model():
     )
     assert model.stage_slots == ((ConvSlot(),), (LambdaSlot(receptive_field=7, dim_u=2),
                                                  AttentionSlot()))
+    model = lambda_jax.create_model(
+        "resnet50", stage_depths=[1, 1], stage_widths=[8, 16], stage_strides=[1, 2],
+        stage_slots=[{"kind": "san", "share_planes": 4}, "augmented_conv"],
+    )
+    assert model.stage_slots == ((SANSlot(share_planes=4),), (AugmentedConvSlot(),))
     assert hash(model) == hash(model.clone())
     with pytest.raises(ValueError, match="Unknown settings \\['r'\\] for a 'lambda' slot"):
         lambda_jax.create_model("resnet50", stage_slots=[{"kind": "lambda", "r": 7}] * 4)
@@ -238,6 +247,45 @@ def test_strided_lambda_block_pools_after_the_layer():
     assert "lambda2" in strided["params"] and "conv2" not in strided["params"]
     assert strided_out.shape == (2, 4, 3, 64) and unstrided_out.shape == (2, 8, 6, 64)
     assert jax.tree.map(jnp.shape, strided) == jax.tree.map(jnp.shape, unstrided)
+
+
+@pytest.mark.parametrize("slot,layer", [
+    (AugmentedConvSlot(heads=2, min_key_depth_per_head=2), "augmented_conv2"),
+    (SANSlot(kernel_size=3), "san2"),
+])
+def test_strided_attention_blocks_halve_the_resolution(slot, layer):
+    block = Bottleneck(width=16, slot=slot, stride=2, zero_init_last_bn=False)
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 7, 6, 32)), jnp.float32)
+    variables = jax.jit(lambda x: block.init(_key(1), x))(x)
+    out, _ = jax.jit(lambda v, x: block.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x)
+    assert layer in variables["params"] and "conv2" not in variables["params"]
+    assert out.shape == (2, 4, 3, 64) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_table3_attention_rows_place_their_layers():
+    augmented = _abstract_model("resnet50_augmented_attention_table3")[1]["params"]
+    assert "conv2" in augmented["stage1_block3"]
+    # kappa = 2 upsilon = 0.2 with 8 heads: d_v = 0.1 * 128 rounded to 16; d_k = 8 * 20.
+    c3 = augmented["stage2_block1"]["augmented_conv2"]
+    assert c3["conv"]["kernel"].shape == (3, 3, 128, 112)
+    assert c3["attention"]["query"]["kernel"].shape == (128, 160)
+    assert c3["attention"]["row_embeddings"].shape == (55, 20)  # 28x28 after the stride
+    assert c3["attention_output"]["kernel"].shape == (16, 16)
+    san = _abstract_model("resnet50_san_patchwise_table3")[1]["params"]
+    c2, c5 = san["stage1_block1"]["san2"], san["stage4_block3"]["san2"]
+    assert c2["relation_weights"]["kernel"].shape == (16, 9 * 16)  # 3x3, 64 / 4 channels
+    assert c5["relation_reduce"]["kernel"].shape == (32 * 50, 128)  # 512 / 16, 7x7 + 1
+
+
+def test_augmented_conv_slot_depths():
+    assert AugmentedConvSlot().depths(512) == (160, 48)
+    assert AugmentedConvSlot(min_key_depth_per_head=1).depths(512) == (104, 48)
+    assert AugmentedConvSlot(value_ratio=1.0, heads=4).depths(16) == (80, 16)
+    with pytest.raises(ValueError, match="AugmentedConvSlot.value_ratio must be in \\(0, 1\\]"):
+        AugmentedConvSlot(value_ratio=0.0).depths(64)
+    with pytest.raises(ValueError, match="SANSlot.relation_reduction must be positive"):
+        SANSlot(relation_reduction=0).relation_depth(64)
 
 
 def test_per_block_slots_and_bad_slots():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from lambda_jax.layers import causal as causal_lib
 from lambda_jax.layers import position as position_lib
+from lambda_jax.layers.norm import batch_norm
 
 POSITIONS = ("global", "local", "none")
 IMPLEMENTATIONS = ("shift", "conv")
@@ -176,23 +177,12 @@ class LambdaLayer(nn.Module):
                 )
         return self.param("relative_embeddings", _normal(1.0), shape, self.param_dtype)
 
-    def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
-        return nn.BatchNorm(
-            use_running_average=not train,
-            axis_name=self.axis_name,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-
     def _norm(self, name: str, train: bool) -> nn.Module:
         if self.causal:
             # Batch statistics over positions would let the future shift the past.
             return nn.LayerNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name=name)
-        return self._batch_norm(name, train)
+        return batch_norm(self, train, name)
 
     def _check_context(self, x: jax.Array, context: jax.Array) -> None:
         if context.ndim != x.ndim:

@@ -6,10 +6,12 @@ from lambda_jax.models.language import AttentionLanguageModel, LambdaLanguageMod
 from lambda_jax.models.registry import create_model, list_models, register_model
 from lambda_jax.models.resnet import (
     AttentionSlot,
+    AugmentedConvSlot,
     Bottleneck,
     ConvSlot,
     LambdaSlot,
     ResNet,
+    SANSlot,
 )
 from lambda_jax.models.byoanet import TimmLambdaResNet
 
@@ -19,12 +21,14 @@ __all__ = [
     "ARCHITECTURES",
     "AttentionLanguageModel",
     "AttentionSlot",
+    "AugmentedConvSlot",
     "Bottleneck",
     "ConvSlot",
     "TimmLambdaResNet",
     "LambdaLanguageModel",
     "LambdaSlot",
     "ResNet",
+    "SANSlot",
     "create_model",
     "list_models",
     "register_model",

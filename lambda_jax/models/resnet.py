@@ -8,11 +8,17 @@ chooses what sits in the 3x3 slot of each bottleneck block:
 * :class:`ConvSlot` - a 3x3 convolution (strided in the first block of a stage);
 * :class:`LambdaSlot` - a :class:`~lambda_jax.layers.LambdaLayer` (global or local scope r,
   key depth k, heads h, intra-depth u);
-* :class:`AttentionSlot` - :class:`~lambda_jax.layers.attention.RelativeSelfAttention`.
+* :class:`AttentionSlot` - :class:`~lambda_jax.layers.attention.RelativeSelfAttention`;
+* :class:`AugmentedConvSlot` - an attention-augmented convolution
+  (:class:`~lambda_jax.layers.attention.AttentionAugmentedConv`, Bello et al. 2019);
+* :class:`SANSlot` - SAN's patchwise self-attention
+  (:class:`~lambda_jax.layers.san.PatchwiseSelfAttention`, Zhao et al. 2020).
 
-A stride-2 block whose slot is a lambda layer or attention applies the layer at full
+A stride-2 block whose slot is a lambda layer, attention or SAN applies the layer at full
 resolution and then a 3x3 average pool with stride 2 ("3x3 average-pooling with stride 2
-after the lambda layers ... in place of the strided convolution", the paper's appendix).
+after the lambda layers ... in place of the strided convolution", the paper's appendix). An
+attention-augmented convolution strides its convolution and attends over its input
+average-pooled 3x3 with stride 2.
 
 The ResNet-RS options (Bello et al. 2021, "Revisiting ResNets", arXiv 2103.07579; layer order
 as in the tensorflow/tpu ``models/official/resnet/resnet_model.py`` it released): ResNet-D stem
@@ -35,8 +41,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers.attention import RelativeSelfAttention
+from lambda_jax.layers.attention import AttentionAugmentedConv, RelativeSelfAttention
 from lambda_jax.layers.lambda_layer import LambdaLayer
+from lambda_jax.layers.norm import batch_norm
+from lambda_jax.layers.san import PatchwiseSelfAttention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +77,80 @@ class AttentionSlot:
     window: Optional[int] = 7
 
 
-Slot = Union[ConvSlot, LambdaSlot, AttentionSlot]
+@dataclasses.dataclass(frozen=True)
+class AugmentedConvSlot:
+    """An attention-augmented convolution (Bello et al. 2019) in the bottleneck slot.
+
+    With the slot's width F_out as the convolution's output channels: value depth
+    ``d_v = value_ratio * F_out`` (upsilon) and key depth ``d_k = key_ratio * F_out``
+    (kappa), each rounded to the nearest positive multiple of ``heads``, and ``d_k`` at least
+    ``min_key_depth_per_head * heads``. The defaults are the paper's: kappa = 2 upsilon = 0.2,
+    8 heads, "a minimum of 20 dimensions per head for the keys".
+    """
+
+    key_ratio: float = 0.2
+    value_ratio: float = 0.1
+    heads: int = 8
+    min_key_depth_per_head: int = 20
+    kernel_size: int = 3
+
+    def depths(self, features: int) -> tuple[int, int]:
+        """``(key_depth, value_depth)`` of the layer for ``features`` output channels."""
+        for name in ("key_ratio", "value_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"AugmentedConvSlot.{name} must be in (0, 1], got {getattr(self, name)}."
+                )
+        if self.heads < 1:
+            raise ValueError(f"AugmentedConvSlot.heads must be positive, got {self.heads}.")
+
+        def per_head(ratio: float) -> int:
+            return max(1, int(ratio * features / self.heads + 0.5))
+
+        key_per_head = max(per_head(self.key_ratio), self.min_key_depth_per_head)
+        value_per_head = min(per_head(self.value_ratio), features // self.heads)
+        return key_per_head * self.heads, value_per_head * self.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class SANSlot:
+    """SAN's patchwise self-attention (Zhao et al. 2020) in the bottleneck slot.
+
+    Fields as in :class:`~lambda_jax.layers.san.PatchwiseSelfAttention`; the relation depth is
+    the slot's width divided by ``relation_reduction`` (SAN: ``rel_planes = planes // 16`` of
+    the layer's input). The defaults are SAN's: 7x7 footprint, weights shared by 8 channels.
+    """
+
+    kernel_size: int = 7
+    share_planes: int = 8
+    relation_reduction: int = 16
+
+    def relation_depth(self, features: int) -> int:
+        """Channels of the relation projections for a slot of ``features`` channels."""
+        if self.relation_reduction < 1:
+            raise ValueError(
+                f"SANSlot.relation_reduction must be positive, got {self.relation_reduction}."
+            )
+        return max(1, features // self.relation_reduction)
+
+
+Slot = Union[ConvSlot, LambdaSlot, AttentionSlot, AugmentedConvSlot, SANSlot]
 SlotSpec = Union[str, Mapping[str, Any], Slot]
 STEMS = ("imagenet", "resnet_d", "resnet_rs", "cifar")
 
 
-_SLOT_CLASSES = {"conv": ConvSlot, "lambda": LambdaSlot, "attention": AttentionSlot}
+_SLOT_CLASSES = {
+    "conv": ConvSlot,
+    "lambda": LambdaSlot,
+    "attention": AttentionSlot,
+    "augmented_conv": AugmentedConvSlot,
+    "san": SANSlot,
+}
+_SLOT_TYPES = tuple(_SLOT_CLASSES.values())
 
 
 def _slot(spec: SlotSpec) -> Slot:
-    if isinstance(spec, (ConvSlot, LambdaSlot, AttentionSlot)):
+    if isinstance(spec, _SLOT_TYPES):
         return spec
     if isinstance(spec, str) and spec in _SLOT_CLASSES:
         return _SLOT_CLASSES[spec]()
@@ -94,8 +166,8 @@ def _slot(spec: SlotSpec) -> Slot:
         return slot_class(**settings)
     raise ValueError(
         f"A slot must be one of {sorted(_SLOT_CLASSES)}, a mapping with 'kind' set to one of "
-        f"them and the slot's settings, or a ConvSlot, LambdaSlot or AttentionSlot; got "
-        f"{spec!r}."
+        f"them and the slot's settings, or one of the slot classes "
+        f"({', '.join(c.__name__ for c in _SLOT_TYPES)}); got {spec!r}."
     )
 
 
@@ -106,8 +178,9 @@ def resolve_stage_slots(
 
     Args:
       stage_slots: one entry per stage: a slot for every block of the stage, or a sequence
-        with one slot per block. A slot is a :class:`ConvSlot`, :class:`LambdaSlot` or
-        :class:`AttentionSlot`, its name (``"conv"``, ``"lambda"``, ``"attention"``: default
+        with one slot per block. A slot is a :class:`ConvSlot`, :class:`LambdaSlot`,
+        :class:`AttentionSlot`, :class:`AugmentedConvSlot` or :class:`SANSlot`, its name
+        (``"conv"``, ``"lambda"``, ``"attention"``, ``"augmented_conv"``, ``"san"``: default
         settings) or a mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
       stage_depths: number of blocks per stage.
 
@@ -121,7 +194,7 @@ def resolve_stage_slots(
         )
     resolved = []
     for stage, (spec, depth) in enumerate(zip(stage_slots, stage_depths)):
-        if isinstance(spec, (str, Mapping, ConvSlot, LambdaSlot, AttentionSlot)):
+        if isinstance(spec, (str, Mapping) + _SLOT_TYPES):
             resolved.append((_slot(spec),) * depth)
             continue
         if len(spec) != depth:
@@ -147,20 +220,6 @@ def _conv(module: nn.Module, features: int, kernel_size: int, stride: int, name:
         padding=_padding(kernel_size),
         use_bias=False,
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        name=name,
-    )
-
-
-def _norm(module: nn.Module, train: bool, name: str, zero_scale: bool = False) -> nn.BatchNorm:
-    """Batch norm with ``module``'s axis name, momentum, epsilon and dtypes."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        axis_name=module.axis_name,
-        momentum=module.bn_momentum,
-        epsilon=module.bn_epsilon,
-        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         dtype=module.dtype,
         param_dtype=module.param_dtype,
         name=name,
@@ -219,6 +278,19 @@ class Bottleneck(nn.Module):
         slot = self.slot
         if isinstance(slot, ConvSlot):
             return _conv(self, self.width, slot.kernel_size, self.stride, "conv2")(y)
+        if isinstance(slot, AugmentedConvSlot):
+            key_depth, value_depth = slot.depths(self.width)
+            return AttentionAugmentedConv(
+                features=self.width,
+                key_depth=key_depth,
+                value_depth=value_depth,
+                heads=slot.heads,
+                kernel_size=slot.kernel_size,
+                strides=self.stride,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="augmented_conv2",
+            )(y)
         if isinstance(slot, LambdaSlot):
             y = LambdaLayer(
                 dim_out=self.width,
@@ -233,6 +305,19 @@ class Bottleneck(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="lambda2",
+            )(y, train=train)
+        elif isinstance(slot, SANSlot):
+            y = PatchwiseSelfAttention(
+                dim_out=self.width,
+                relation_depth=slot.relation_depth(self.width),
+                share_planes=slot.share_planes,
+                kernel_size=slot.kernel_size,
+                axis_name=self.axis_name,
+                bn_momentum=self.bn_momentum,
+                bn_epsilon=self.bn_epsilon,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="san2",
             )(y, train=train)
         else:
             y = RelativeSelfAttention(
@@ -257,10 +342,10 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``x``: ``[batch, H, W, C]`` -> ``[batch, H/stride, W/stride, width * expansion]``."""
         out_features = self.width * self.expansion
-        y = nn.relu(_norm(self, train, "bn1")(_conv(self, self.width, 1, 1, "conv1")(x)))
-        y = nn.relu(_norm(self, train, "bn2")(self._spatial(y, train)))
+        y = nn.relu(batch_norm(self, train, "bn1")(_conv(self, self.width, 1, 1, "conv1")(x)))
+        y = nn.relu(batch_norm(self, train, "bn2")(self._spatial(y, train)))
         y = _conv(self, out_features, 1, 1, "conv3")(y)
-        y = _norm(self, train, "bn3", zero_scale=self.zero_init_last_bn)(y)
+        y = batch_norm(self, train, "bn3", zero_scale=self.zero_init_last_bn)(y)
         if self.se_ratio > 0:
             y = SqueezeExcite(
                 max(1, int(out_features * self.se_ratio)),
@@ -284,12 +369,13 @@ class Bottleneck(nn.Module):
                 )
                 stride = 1
             shortcut = _conv(self, out_features, 1, stride, "shortcut_conv")(shortcut)
-            shortcut = _norm(self, train, "shortcut_bn")(shortcut)
+            shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
 class ResNet(nn.Module):
-    """Bottleneck ResNet classifier with per-stage slot kinds (convolution, lambda, attention).
+    """Bottleneck ResNet classifier with per-stage slot kinds (convolution, lambda, attention,
+    attention-augmented convolution, SAN).
 
     ``images``: ``[batch, height, width, channels]`` -> logits ``[batch, num_classes]`` in
     float32. Computation runs in ``dtype``; parameters are ``param_dtype``.
@@ -355,7 +441,7 @@ class ResNet(nn.Module):
     def _stem(self, x: jax.Array, train: bool) -> jax.Array:
         def conv_bn_relu(y: jax.Array, features: int, kernel_size: int, stride: int, index: int):
             y = _conv(self, features, kernel_size, stride, f"stem_conv{index}")(y)
-            return nn.relu(_norm(self, train, f"stem_bn{index}")(y))
+            return nn.relu(batch_norm(self, train, f"stem_bn{index}")(y))
 
         if self.stem == "cifar":
             return conv_bn_relu(x, self.stem_width, 3, 1, 1)
