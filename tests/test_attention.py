@@ -89,6 +89,11 @@ def test_table_shapes_and_bfloat16():
     layer = RelativeSelfAttention(16, heads=4, window=3, dtype=jnp.bfloat16)
     out = jax.jit(lambda x: layer.apply(layer.init(_key(0), x), x))(x)
     assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
+    augmented = AttentionAugmentedConv(16, key_depth=8, value_depth=4, heads=4, strides=2,
+                                       dtype=jnp.bfloat16)
+    out = jax.jit(lambda x: augmented.apply(augmented.init(_key(0), x), x))(x)
+    assert out.shape == (1, 2, 3, 16)
+    assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_bad_settings_and_sizes_raise():

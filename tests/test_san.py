@@ -117,3 +117,12 @@ def test_training_uses_batch_statistics_and_updates_them():
 def test_bad_settings_raise(settings, shape, message):
     with pytest.raises(ValueError, match=message):
         PatchwiseSelfAttention(**settings).init(_key(0), jnp.ones(shape))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    layer = PatchwiseSelfAttention(dim_out=8, relation_depth=2, kernel_size=3,
+                                   dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.RandomState(3).normal(size=(2, 4, 4, 8)), jnp.bfloat16)
+    out, variables = jax.jit(lambda x: layer.init_with_output(_key(0), x))(x)
+    assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+    assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
