@@ -18,8 +18,9 @@ paper's ResNet-50 table: each 3x3 convolution with F_out outputs becomes a convo
 F_out - d_v outputs concatenated with d_v channels of global relative self-attention. The
 settings are the paper's as far as the material we could read states them: 8 heads, kappa =
 2 upsilon = 0.2 (d_k = 0.2 F_out, d_v = 0.1 F_out) and "a minimum of 20 dimensions per head
-for the keys", quoted from the paper for its Wide-ResNet and reported for its ResNets; the
-minimum makes d_k = 160 in every ResNet-50 stage. Our choices, which the material does not fix:
+for the keys", quoted from the paper for its Wide-ResNet; we take them for ResNet-50 too, and
+the count agrees. The minimum makes d_k = 160 in every ResNet-50 stage. Our choices, which the
+material does not fix:
 d_v = 0.1 F_out rounded to a multiple of the heads (8, 16, 24, 48 for widths 64 to 512);
 augmentation in c3, c4 and c5 (the paper augments "starting from the last layer until we hit
 memory constraints"); strided blocks stride the convolution and attend over the input
