@@ -19,6 +19,8 @@ from lambda_jax.models import (
     ConvSlot,
     LambdaSlot,
     ResNet,
+    SAN,
+    SANBlock,
     SANSlot,
     registry,
 )
@@ -37,7 +39,7 @@ PAPER_PARAMETER_COUNTS = [
     ("resnet50_lambda_u4_table3", 16.0),  # Table 3 'lambda layer, u=4'
     ("resnet50_local_attention_table3", 18.0),  # Table 3 'local relative self-attention'
     ("resnet50_augmented_attention_table3", 25.8),  # Table 3 'conv + relative self-attention'
-    ("resnet50_san_patchwise_table3", 20.5),  # Table 3 'local relative self-attention (Zhao)'
+    ("san19_patchwise", 20.5),  # Table 3 'local relative self-attention (Zhao)': SAN19
     ("resnet50_placement_cccc", 25.6),
     ("resnet50_placement_lccc", 25.5),
     ("resnet50_placement_llcc", 25.0),
@@ -64,6 +66,17 @@ def _count(name: str) -> int:
 
 @pytest.mark.parametrize("name,millions", PAPER_PARAMETER_COUNTS)
 def test_parameter_counts_match_the_paper(name, millions):
+    count = _count(name)
+    assert abs(count / 1e6 - millions) / millions < 0.02, (name, count)
+
+
+# SAN's own networks (SAN's README) and the ResNet-50 hybrid with SAN's layer (our count).
+@pytest.mark.parametrize("name,millions", [
+    ("san10_patchwise", 11.8),
+    ("san15_patchwise", 16.2),
+    ("resnet50_san_patchwise", 17.15),
+])
+def test_san_parameter_counts(name, millions):
     count = _count(name)
     assert abs(count / 1e6 - millions) / millions < 0.02, (name, count)
 
@@ -272,10 +285,10 @@ def test_table3_attention_rows_place_their_layers():
     assert c3["attention"]["query"]["kernel"].shape == (128, 160)
     assert c3["attention"]["row_embeddings"].shape == (55, 20)  # 28x28 after the stride
     assert c3["attention_output"]["kernel"].shape == (16, 16)
-    san = _abstract_model("resnet50_san_patchwise_table3")[1]["params"]
+    san = _abstract_model("resnet50_san_patchwise")[1]["params"]
     c2, c5 = san["stage1_block1"]["san2"], san["stage4_block3"]["san2"]
-    assert c2["relation_weights"]["kernel"].shape == (16, 9 * 16)  # 3x3, 64 / 4 channels
-    assert c5["relation_reduce"]["kernel"].shape == (32 * 50, 128)  # 512 / 16, 7x7 + 1
+    assert c2["relation_weights"]["kernel"].shape == (8, 9 * 8)  # 3x3, 64 / 8 channels
+    assert c5["relation_reduce"]["kernel"].shape == (32 * 50, 64)  # 512 / 16, 7x7 + 1
 
 
 def test_augmented_conv_slot_depths():
@@ -339,12 +352,9 @@ def test_axis_name_gives_cross_device_batch_norm(micro_variables):
                  per_shard)
 
 
-def test_small_model_loss_falls_on_a_fixed_batch(tiny_variables):
-    model = _tiny()
-    images = _images(8)
-    labels = jnp.arange(8) % 10
-    optimizer = optax.adam(3e-3)
-    params, batch_stats = tiny_variables["params"], tiny_variables["batch_stats"]
+def _train_on_a_fixed_batch(model, variables, images, labels, optimizer, steps):
+    """Losses of ``steps`` training steps on one batch, and the last batch statistics."""
+    params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -362,10 +372,94 @@ def test_small_model_loss_falls_on_a_fixed_batch(tiny_variables):
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     losses = []
-    for _ in range(25):
+    for _ in range(steps):
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
         losses.append(float(loss))
+    return losses, batch_stats
+
+
+def test_small_model_loss_falls_on_a_fixed_batch(tiny_variables):
+    losses, batch_stats = _train_on_a_fixed_batch(
+        _tiny(), tiny_variables, _images(8), jnp.arange(8) % 10, optax.adam(3e-3), 25)
     assert losses[-1] < 0.5 * losses[0], losses
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), batch_stats,
                          tiny_variables["batch_stats"])
     assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_san19_is_sans_own_network():
+    params = _abstract_model("san19_patchwise")[1]["params"]
+    blocks = {stage: sum(k.startswith(f"stage{stage}_block") for k in params)
+              for stage in range(1, 6)}
+    assert blocks == {1: 3, 2: 3, 3: 4, 4: 6, 5: 3}
+    assert params["stem_conv"]["kernel"].shape == (3, 64)
+    assert params["stage2_transition"]["kernel"].shape == (64, 256)
+    # First stage: c = 64, layer outputs 16, relation depth 4, 3x3 footprint, 16 / 8 weights.
+    first = params["stage1_block1"]["attention"]
+    assert first["relation_reduce"]["kernel"].shape == (4 * 10, 2)
+    assert first["relation_weights"]["kernel"].shape == (2, 9 * 2)
+    # Last stage: c = 2048, layer outputs 512, relation depth 128, 7x7 footprint.
+    last = params["stage5_block3"]
+    assert last["attention"]["relation_reduce"]["kernel"].shape == (128 * 50, 64)
+    assert last["attention"]["value"]["kernel"].shape == (2048, 512)
+    assert last["conv"]["kernel"].shape == (512, 2048) and "bias" in last["conv"]
+    assert params["head"]["kernel"].shape == (2048, 1000)
+
+
+def _tiny_san(**overrides):
+    """Two one-block stages of widths 16 and 32 with 3x3 footprints, for 16x16 images."""
+    settings = dict(num_classes=10, stage_depths=(1, 1), stage_widths=(16, 32),
+                    kernel_sizes=(3, 3), share_planes=2)
+    return lambda_jax.create_model("san19_patchwise", **{**settings, **overrides})
+
+
+def test_tiny_san_runs_and_its_loss_falls_on_a_fixed_batch():
+    model = _tiny_san()
+    assert isinstance(model, SAN) and model.stage_widths == (16, 32)
+    images, labels = _images(8, 16), jnp.arange(8) % 10
+    # Unoptimised: initialisation runs once, and XLA's optimising passes would take longer.
+    variables = jax.jit(lambda x: model.init(_key(0), x, train=False),
+                        compiler_options={"xla_backend_optimization_level": 0})(images)
+    eval_logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    chex.assert_shape(eval_logits, (8, 10))
+    assert eval_logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(eval_logits)))
+
+    losses, batch_stats = _train_on_a_fixed_batch(
+        model, variables, images, labels, optax.sgd(0.3, momentum=0.9), 15)
+    # The first step's forward pass runs in train mode (batch statistics), unlike eval's.
+    eval_loss = optax.softmax_cross_entropy_with_integer_labels(eval_logits, labels).mean()
+    assert np.isfinite(losses[0]) and abs(losses[0] - float(eval_loss)) > 1e-4
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert "relation_norm1" in batch_stats["stage2_block1"]["attention"]
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), batch_stats,
+                         variables["batch_stats"])
+    assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_san_block_adds_its_branch_to_an_identity_shortcut():
+    block = SANBlock(width=16, kernel_size=3, share_planes=2)
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 5, 5, 16)), jnp.float32)
+    variables = jax.jit(block.init)(_key(0), x)
+    # With the last 1x1 convolution zeroed the block is the identity (no activation after it).
+    zeroed = {**variables, "params": {
+        **variables["params"], "conv": jax.tree.map(jnp.zeros_like, variables["params"]["conv"])}}
+    out, identity = jax.jit(lambda x: (block.apply(variables, x), block.apply(zeroed, x)))(x)
+    assert out.shape == x.shape and not np.allclose(out, x)
+    np.testing.assert_array_equal(identity, x)
+
+
+@pytest.mark.parametrize("model,size,message", [
+    (lambda: lambda_jax.create_model("san19_patchwise"), 96,
+     "needs images of at least 128x128 .* got 96x96"),
+    (lambda: _tiny_san(kernel_sizes=(3,)), 16, "must have one entry per stage"),
+    (lambda: _tiny_san(stage_widths=(8, 32)), 16,
+     "SAN.relation_reduction \\(16\\) leaves no channels of a stage of width 8"),
+])
+def test_san_rejects_bad_settings(model, size, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda: model().init(_key(0), jnp.zeros((1, size, size, 3))))
+
+
+def test_san_rejects_unknown_overrides():
+    with pytest.raises(ValueError, match="Unknown settings \\['stage_slots'\\].*kernel_sizes"):
+        lambda_jax.create_model("san10_patchwise", stage_slots=("san",) * 5)

@@ -1,7 +1,8 @@
 """Models: bottleneck ResNets with convolution, lambda or self-attention slots, by name;
-causal language models with lambda layers in place of attention; timm's LambdaResNets."""
+SAN's self-attention networks; causal language models with lambda layers in place of
+attention; timm's LambdaResNets."""
 
-from lambda_jax.models import byoanet, families
+from lambda_jax.models import byoanet, families, san
 from lambda_jax.models.language import AttentionLanguageModel, LambdaLanguageModel
 from lambda_jax.models.registry import create_model, list_models, register_model
 from lambda_jax.models.resnet import (
@@ -14,6 +15,7 @@ from lambda_jax.models.resnet import (
     SANSlot,
 )
 from lambda_jax.models.byoanet import TimmLambdaResNet
+from lambda_jax.models.san import SAN, SANBlock
 
 ARCHITECTURES = families.ARCHITECTURES
 
@@ -28,6 +30,8 @@ __all__ = [
     "LambdaLanguageModel",
     "LambdaSlot",
     "ResNet",
+    "SAN",
+    "SANBlock",
     "SANSlot",
     "create_model",
     "list_models",

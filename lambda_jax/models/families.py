@@ -1,15 +1,17 @@
 """The named architectures of the LambdaNetworks paper and small models for 32x32 images.
 
 Every name here is registered with :func:`lambda_jax.models.registry.register_model`; the
-dictionary :data:`ARCHITECTURES` holds the :class:`~lambda_jax.models.resnet.ResNet` fields of
-each name, with a docstring-like ``description``. Parameter counts are for 1000 classes
-(``tests/test_models.py`` checks them against the paper's tables).
+dictionary :data:`ARCHITECTURES` holds the model fields of each name (those of
+:class:`~lambda_jax.models.resnet.ResNet` here; :mod:`lambda_jax.models.byoanet` and
+:mod:`lambda_jax.models.san` add theirs), with a docstring-like ``description``. Parameter
+counts are for 1000 classes (``tests/test_models.py`` checks them against the paper's tables).
 
 **Table 3 and the hybrid-placement table** (ResNet-50, 224x224): a plain ResNet-50 (7x7 stem,
 no squeeze-excitation, no ResNet-D) whose 3x3 slots are convolutions, lambda layers or
-self-attention (or squeeze-excitation, ``resnet50_se_table3``). The paper does not print the lambda rows' settings; the ones used here
-reproduce its counts: k=16, h=4, u=1 with a 23x23 lambda convolution (15.0M) and u=4 with a
-7x7 lambda convolution (16.0M). Local relative self-attention (Ramachandran et al. 2019) uses
+self-attention (or squeeze-excitation, ``resnet50_se_table3``), all but the SAN row (below).
+The paper does not print the lambda rows' settings; the ones used here reproduce its counts:
+k=16, h=4, u=1 with a 23x23 lambda convolution (15.0M) and u=4 with a 7x7 lambda convolution
+(16.0M). Local relative self-attention (Ramachandran et al. 2019) uses
 8 heads over 7x7 windows (18.0M).
 
 *Conv + relative self-attention* (25.8M, 77.7%) is AA-ResNet-50 of Bello et al. 2019
@@ -30,12 +32,12 @@ the minimum is what makes AA-ResNet-50 larger than ResNet-50.
 
 *Local relative self-attention (Zhao 2020)* (20.5M, 78.2%) is SAN19 with patchwise
 self-attention (Zhao, Jia and Koltun, CVPR 2020; ``hszhao/SAN``), a network of its own: five
-stages [3, 3, 4, 6, 3] of pre-activation SAN blocks, not a ResNet-50. Here SAN's layer sits
-in ResNet-50's 3x3 slots with SAN's settings (footprint 7x7, 3x3 in the 56x56 stage as in
-SAN's first stage; relation depth = input channels / 16; biases on its projections) except
-one: weights shared by 4 output channels instead of SAN's 8. With SAN's 8 the body has 17.15M
-(19.15M with relation depth = width / 4, SAN's ratio to its block's outer channels); with 4 it
-has 20.52M, the row's count. That share is our choice to match the count, not SAN's.
+stages [3, 3, 4, 6, 3] of pre-activation SAN blocks, not a ResNet-50. It is
+``san19_patchwise`` in :mod:`lambda_jax.models.san`, with SAN's own settings (20.52M).
+``resnet50_san_patchwise`` here is a hybrid that is not a row of the paper's table: SAN's
+layer in ResNet-50's 3x3 slots with SAN's settings (footprint 7x7, 3x3 in the 56x56 stage as
+in SAN's first stage; relation depth = input channels / 16; weights shared by 8 output
+channels; biases on its projections), 17.15M parameters.
 
 **LambdaResNets** (the paper's Figure 4 and appendix): ResNet-RS bodies (Bello et al. 2021,
 "Revisiting ResNets", arXiv 2103.07579: ResNet-D stem with the max pool replaced by a strided
@@ -51,12 +53,11 @@ pass ``drop_path_rate`` and ``dropout_rate`` to :func:`lambda_jax.create_model`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 
-from lambda_jax.models.registry import register_model
+from lambda_jax.models.registry import build_model, register_model
 from lambda_jax.models.resnet import (
     AttentionSlot,
     AugmentedConvSlot,
@@ -66,8 +67,6 @@ from lambda_jax.models.resnet import (
     SANSlot,
     resolve_stage_slots,
 )
-
-_FIELDS = frozenset(field.name for field in dataclasses.fields(ResNet)) - {"parent", "name"}
 
 RESNET50_DEPTHS = (3, 4, 6, 3)
 RESNET_RS_DEPTHS = {
@@ -90,10 +89,9 @@ LOCAL_ATTENTION = AttentionSlot(heads=8, window=7)
 AUGMENTED_CONV = AugmentedConvSlot(
     key_ratio=0.2, value_ratio=0.1, heads=8, min_key_depth_per_head=20
 )
-# share_planes=4 instead of SAN's 8: the choice that brings a ResNet-50 body to the row's
-# 20.5M (see the docstring of resnet50_san_patchwise_table3).
-SAN_PATCHWISE_C2 = SANSlot(kernel_size=3, share_planes=4, relation_reduction=16)
-SAN_PATCHWISE = SANSlot(kernel_size=7, share_planes=4, relation_reduction=16)
+# SAN's settings (the slot's defaults), with SAN's first-stage 3x3 footprint in c2.
+SAN_PATCHWISE_C2 = SANSlot(kernel_size=3)
+SAN_PATCHWISE = SANSlot()
 CIFAR_LAMBDA = LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=7)
 TINY_LAMBDA = LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=5)
 
@@ -108,13 +106,7 @@ def _register(name: str, description: str, resolution: int, **fields: Any) -> No
     ARCHITECTURES[name] = dict(fields, description=description, resolution=resolution)
 
     def factory(*, num_classes: int, dtype: Any, **overrides: Any) -> nn.Module:
-        unknown = sorted(set(overrides) - _FIELDS)
-        if unknown:
-            raise ValueError(
-                f"Unknown settings {unknown} for model {name!r}; the settings are "
-                f"{sorted(_FIELDS - {'num_classes', 'dtype'})}."
-            )
-        model = ResNet(**{**fields, **overrides, "num_classes": num_classes, "dtype": dtype})
+        model = build_model(name, ResNet, fields, overrides, num_classes=num_classes, dtype=dtype)
         # Tuples of slot objects keep the module hashable (a static argument of jax.jit)
         # whatever sequences or mappings the overrides held, and bad slots fail here.
         return model.clone(
@@ -171,11 +163,11 @@ _register(
     stage_slots=("conv", AUGMENTED_CONV, AUGMENTED_CONV, AUGMENTED_CONV),
 )
 _register(
-    "resnet50_san_patchwise_table3",
-    "ResNet-50 with SAN's patchwise self-attention (Zhao et al. 2020) in every 3x3 slot, Table "
-    "3 row 'local relative self-attention (Zhao 2020)': 7x7 footprints (3x3 in c2), relation "
-    "depth = width / 16, weights shared by 4 channels (SAN uses 8; chosen for the count); "
-    "20.52M parameters (paper 20.5M).",
+    "resnet50_san_patchwise",
+    "ResNet-50 with SAN's patchwise self-attention (Zhao et al. 2020) in every 3x3 slot, with "
+    "SAN's settings: 7x7 footprints (3x3 in c2), relation depth = width / 16, weights shared "
+    "by 8 channels; 17.15M parameters. A hybrid, not a row of the paper's Table 3: that row "
+    "quotes SAN19 (san19_patchwise).",
     224,
     stage_slots=(SAN_PATCHWISE_C2, SAN_PATCHWISE, SAN_PATCHWISE, SAN_PATCHWISE),
 )

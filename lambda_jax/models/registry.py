@@ -6,7 +6,8 @@ registered under a name with :func:`register_model`; any module can add its own.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -30,6 +31,32 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
         return factory
 
     return decorate
+
+
+def build_model(
+    name: str,
+    model_class: type[nn.Module],
+    settings: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    **fixed: Any,
+) -> nn.Module:
+    """``model_class(**settings, **overrides, **fixed)``: the model registered as ``name``.
+
+    ``settings`` are the registered model's fields, ``overrides`` the caller's changes to them
+    and ``fixed`` the fields every factory takes (``num_classes``, ``dtype``).
+
+    Raises:
+      ValueError: if ``overrides`` holds a name that is not a field of ``model_class``; the
+        message lists the fields.
+    """
+    fields = {field.name for field in dataclasses.fields(model_class)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"Unknown settings {unknown} for model {name!r}; the settings are "
+            f"{sorted(fields - set(fixed))}."
+        )
+    return model_class(**{**settings, **overrides, **fixed})
 
 
 def list_models() -> list[str]:

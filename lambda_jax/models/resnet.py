@@ -226,6 +226,25 @@ def _conv(module: nn.Module, features: int, kernel_size: int, stride: int, name:
     )
 
 
+def classifier_logits(module: nn.Module, features: jax.Array) -> jax.Array:
+    """``[batch, channels]`` -> float32 logits ``[batch, module.num_classes]``.
+
+    A linear classifier named ``head`` in ``module``'s dtypes, its kernel initialised with
+    N(0, 0.01).
+    """
+    chex.assert_rank(features, 2)
+    logits = nn.Dense(
+        module.num_classes,
+        kernel_init=nn.initializers.normal(0.01),
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name="head",
+    )(features)
+    logits = logits.astype(jnp.float32)
+    chex.assert_shape(logits, (features.shape[0], module.num_classes))
+    return logits
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-excitation: ``x * sigmoid(W2 relu(W1 mean(x)))`` on ``[batch, H, W, C]``."""
 
@@ -494,13 +513,4 @@ class ResNet(nn.Module):
                 )(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, name="head_dropout")(x, deterministic=not train)
-        logits = nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="head",
-        )(x)
-        logits = logits.astype(jnp.float32)
-        chex.assert_shape(logits, (images.shape[0], self.num_classes))
-        return logits
+        return classifier_logits(self, x)
