@@ -19,13 +19,18 @@ import jax
 import jax.numpy as jnp
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(
+    description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """The shared flags, and a script's own ones added by ``add_arguments(parser)``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes and one timed run: checks that the script works")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="directory for the JSON and PNG results")
     parser.add_argument("--runs", type=int, default=5, help="timed runs after compilation")
+    if add_arguments is not None:
+        add_arguments(parser)
     return parser.parse_args()
 
 
@@ -54,14 +59,17 @@ def compile_case(fn: Callable, *args) -> dict[str, Any]:
     }
 
 
-def time_interleaved(runs_by_name: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+def time_interleaved(runs_by_name: dict[str, Callable[[], Any]], runs: int,
+                     warm_up: bool = True) -> dict[str, float]:
     """Median seconds of each no-argument callable, timed in rounds that take turns.
 
     Taking turns within each round exposes every variant to the same changes of the
-    machine's load, so their ratios stay fair on a shared machine.
+    machine's load, so their ratios stay fair on a shared machine. ``warm_up=False`` when
+    the caller has already run each callable once.
     """
-    for run in runs_by_name.values():
-        run()  # warm-up: first-call work is not timed
+    if warm_up:
+        for run in runs_by_name.values():
+            run()  # first-call work is not timed
     times = {name: [] for name in runs_by_name}
     for _ in range(runs):
         for name, run in runs_by_name.items():

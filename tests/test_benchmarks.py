@@ -59,3 +59,29 @@ def test_torch_compare_smoke(tmp_path):
     assert {"lambda_jax", "timm", "lambda-networks"} <= names
     for row in payload["rows"]:
         assert row["forward_ms"] > 0 and row["train_ms"] > 0
+
+
+@pytest.mark.slow
+def test_models_smoke(tmp_path):
+    payload, stdout = _run_smoke("models.py", tmp_path)
+    settings, rows = payload["settings"], payload["rows"]
+    assert [row["model"] for row in rows] == list(settings["models"])
+    budget = settings["memory_budget_mb"]
+    timed = 0
+    for row in rows:
+        assert row["params_m"] > 0
+        for mode in ("inference", "train"):
+            assert row[f"{mode}_memory_mb"] > 0 and row[f"{mode}_gflop_per_ex"] > 0
+            within = row[f"{mode}_memory_mb"] <= budget
+            assert (f"{mode}_ex_s" in row) == within
+            timed += within
+        assert row["train_gflop_per_ex"] > row["inference_gflop_per_ex"]
+    # Global attention's [batch, heads, n, n] maps put its training step over the budget.
+    assert rows[-1]["train_status"] == "over memory budget"
+    assert "train over memory budget" in rows[-1]["status"]
+    assert timed >= 6
+    baseline = rows[0]
+    assert baseline["train_vs_baseline"] == 1.0 and baseline["train_memory_vs_baseline"] == 1.0
+    assert rows[1]["train_vs_baseline"] == pytest.approx(
+        rows[1]["train_ex_s"] / baseline["train_ex_s"])
+    assert "| model | size |" in stdout
