@@ -10,11 +10,12 @@ from lambda_jax.layers import position
 
 
 def _reference(queries, values, kernel):
-    """einsum of the queries with the lambda convolution's position lambdas: [b, n, h, v]."""
+    """einsum of the queries with the lambda convolution's position lambdas: [b, *S, h*v]."""
     batch, heads, depth_k = queries.shape[0], queries.shape[-2], queries.shape[-1]
     lambdas = position.lambda_convolution(values, kernel)
-    return jnp.einsum("bnhk,bnkv->bnhv", queries.reshape(batch, -1, heads, depth_k), lambdas,
-                      preferred_element_type=lambdas.dtype)
+    out = jnp.einsum("bnhk,bnkv->bnhv", queries.reshape(batch, -1, heads, depth_k), lambdas,
+                     preferred_element_type=lambdas.dtype)
+    return out.reshape(*queries.shape[:-2], -1)
 
 
 @jax.jit
@@ -33,7 +34,7 @@ def _inputs(spatial, heads, depth_k, depth_v, depth_u, r, dtype=jnp.float32, see
     queries = jax.random.normal(keys[0], (2, *spatial, heads, depth_k)).astype(dtype)
     values = jax.random.normal(keys[1], (2, *spatial, depth_v, depth_u)).astype(dtype)
     kernel = jax.random.normal(keys[2], (r,) * s + (depth_k, depth_u)).astype(dtype)
-    cotangent = jax.random.normal(keys[3], (2, int(np.prod(spatial)), heads, depth_v))
+    cotangent = jax.random.normal(keys[3], (2, *spatial, heads * depth_v))
     return queries, values, kernel, cotangent
 
 
@@ -50,8 +51,10 @@ def test_shift_output_equals_lambda_convolution_in_value_and_gradient(
         spatial, heads, depth_k, depth_v, depth_u, r):
     queries, values, kernel, cotangent = _inputs(spatial, heads, depth_k, depth_v, depth_u, r)
     (out, grads), (expected, expected_grads) = _value_and_vjp(queries, values, kernel, cotangent)
-    assert out.shape == (2, int(np.prod(spatial)), heads, depth_v)
+    assert out.shape == (2, *spatial, heads * depth_v)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    undifferentiated = jax.jit(position.local_position_output)(queries, values, kernel)
+    np.testing.assert_allclose(undifferentiated, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -91,6 +94,23 @@ def test_layer_implementations_agree_in_value_and_parameter_gradients():
     np.testing.assert_allclose(out_shift, out_conv, rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(grads_shift), jax.tree.leaves(grads_conv)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("receptive_field, rank, expected", [
+    (13, 2, "shift"), (15, 2, "conv"), (31, 1, "shift"), (7, 3, "conv"), (5, 3, "shift"),
+])
+def test_auto_implementation_picks_by_the_number_of_kernel_offsets(receptive_field, rank,
+                                                                  expected):
+    layer = LambdaLayer(dim_out=4, dim_k=2, heads=2, position="local",
+                        receptive_field=receptive_field)
+    x = jnp.zeros((1,) + (3,) * rank + (4,))
+    variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
+    assert ("conv_general_dilated" in jaxpr) == (expected == "conv")
+    for implementation in ("shift", "conv"):
+        pinned = str(jax.make_jaxpr(layer.clone(implementation=implementation).apply)(
+            variables, x))
+        assert ("conv_general_dilated" in pinned) == (implementation == "conv")
 
 
 def test_unknown_implementation_raises_value_error_naming_the_field():

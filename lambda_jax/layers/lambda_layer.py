@@ -15,7 +15,10 @@ from lambda_jax.layers import position as position_lib
 from lambda_jax.layers.norm import batch_norm
 
 POSITIONS = ("global", "local", "none")
-IMPLEMENTATIONS = ("shift", "conv")
+IMPLEMENTATIONS = ("auto", "shift", "conv")
+# "auto" uses "shift" up to this many kernel offsets (13x13 in 2-D) and "conv" above: on CPU
+# the shifted sums win up to r=13 and lose from r=17 on (benchmarks/roofline.py --sweep).
+SHIFT_MAX_OFFSETS = 169
 STRIDE_POOLS = ("3x3", "2x2")
 
 
@@ -65,10 +68,11 @@ class LambdaLayer(nn.Module):
       position: ``"global"``, ``"local"`` or ``"none"`` (content lambda only).
       receptive_field: scope r of the lambda convolution (odd, ``position="local"``).
       implementation: how non-causal ``position="local"`` is computed: ``"shift"``
-        contracts the queries with the kernel first and sums shifted value slices (fewer
-        FLOPs, faster on CPU, see ``benchmarks/``); ``"conv"`` is the paper's lambda
-        convolution, one
-        ``jax.lax.conv_general_dilated`` call. Both give the same values and gradients.
+        contracts the queries with the kernel first and sums shifted value slices, with a
+        hand-written gradient (fewer FLOPs; fastest for small scopes); ``"conv"`` is the
+        paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (faster for
+        large scopes); ``"auto"`` takes ``"shift"`` while ``r ** rank <= 169`` (r <= 13 for
+        images) and ``"conv"`` above. All give the same values and gradients.
       use_batchnorm: normalise queries and values: batch norm, or layer norm over the
         channels of each position when ``causal`` (batch statistics over positions would
         leak the future into the past during training).
@@ -96,7 +100,7 @@ class LambdaLayer(nn.Module):
     dim_u: int = 1
     position: str = "global"
     receptive_field: int = 23
-    implementation: str = "shift"
+    implementation: str = "auto"
     use_batchnorm: bool = True
     causal: bool = False
     position_bias: bool = False
@@ -161,6 +165,12 @@ class LambdaLayer(nn.Module):
                 "channels] or [batch, time, height, width, channels]; got an input of rank "
                 f"{x.ndim} with shape {x.shape}."
             )
+
+    def _local_implementation(self, spatial: tuple[int, ...]) -> str:
+        """``"shift"`` or ``"conv"``: the ``implementation`` with ``"auto"`` resolved."""
+        if self.implementation != "auto":
+            return self.implementation
+        return "shift" if self.receptive_field ** len(spatial) <= SHIFT_MAX_OFFSETS else "conv"
 
     def _relative_table(self, spatial: tuple[int, ...]) -> jax.Array:
         shape = tuple(2 * size - 1 for size in spatial) + (self.dim_k, self.dim_u)
@@ -317,7 +327,7 @@ class LambdaLayer(nn.Module):
             if self.position == "global":
                 table = self._relative_table(spatial)
                 lambdas = lambdas + position_lib.global_position_lambdas(values, table)
-            elif kernel is not None and self.implementation == "conv":
+            elif kernel is not None and self._local_implementation(spatial) == "conv":
                 lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
         if self.position_bias:
             bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
@@ -328,10 +338,10 @@ class LambdaLayer(nn.Module):
             queries,
             lambdas.astype(compute_dtype),
             preferred_element_type=accumulate,
-        )
+        ).reshape(batch, *spatial, h * v)
         if (
-            self.implementation == "shift"
-            and self.position == "local"
+            self.position == "local"
+            and self._local_implementation(spatial) == "shift"
             and not self.causal
             and decode_state is None
         ):
@@ -339,7 +349,6 @@ class LambdaLayer(nn.Module):
                 queries.reshape(batch, *spatial, h, k), values, kernel
             )
         out = out.astype(compute_dtype)
-        out = out.reshape(batch, *spatial, h * v)
         chex.assert_shape(out, (batch, *spatial, self.dim_out))
         if decode_state is not None:
             return out, decode_state

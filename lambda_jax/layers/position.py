@@ -204,29 +204,32 @@ def _offset_kernel(kernel: jax.Array, offsets) -> jax.Array:
 
 
 def _shift_output(queries, values, kernel):
-    """Σ_o,u a[o,u,n,h] V[n+o,v,u] with one fused pass over the r^s shifted value slices."""
+    """Σ_o,u a[o,u,n,h] V[n+o,v,u] over the r^s shifted value slices: ``[batch, *spatial, h*v]``.
+
+    Each head's sum is one elementwise pass whose output keeps v as its last axis; the heads
+    are then concatenated. Written as one ``[..., h, v]`` sum reshaped to ``h*v``, XLA's CPU
+    fusion recovers h and v from the flat index of every element and runs 15x slower.
+    """
     batch, *spatial, _, depth_u = values.shape
     s = len(spatial)
     r = kernel.shape[0]
     offsets = _offsets(r, spatial)
     weights = _weights(queries, _offset_kernel(kernel, offsets))
     padded = _pad_spatial(values, (r - 1) // 2, 1, s)
-    out = 0
-    for o, (_, start) in enumerate(offsets):
-        window = _shifted(padded, start, spatial, 1)  # [batch, *spatial, v, u]
-        for j in range(depth_u):
-            out = out + weights[o, j][..., None] * window[..., None, :, j]
-    return out
+    windows = [_shifted(padded, start, spatial, 1) for _, start in offsets]  # [b, *S, v, u]
+    heads = []
+    for head in range(queries.shape[-2]):
+        out = 0
+        for o, window in enumerate(windows):
+            for j in range(depth_u):
+                out = out + weights[o, j, ..., head, None] * window[..., j]
+        heads.append(out)
+    return jnp.concatenate(heads, axis=-1)
 
 
 @jax.custom_vjp
 def _shift_output_vjp(queries, values, kernel):
-    # Without a gradient the lambda convolution is used: in a whole layer XLA's CPU fusion
-    # of the shifted sum with the output reshape to h*v runs slower than the convolution.
-    lambdas = lambda_convolution(values, kernel)  # [batch, n, k, v]
-    out = jnp.einsum("bnhk,bnkv->bnhv", queries.reshape(*lambdas.shape[:2], -1,
-                                                        lambdas.shape[2]), lambdas)
-    return out.reshape(*queries.shape[:-1], lambdas.shape[-1])
+    return _shift_output(queries, values, kernel)
 
 
 def _shift_output_fwd(queries, values, kernel):
@@ -238,15 +241,16 @@ def _shift_output_fwd(queries, values, kernel):
 def _shift_output_bwd(residuals, grad):
     """Gradients as r^s shifted passes; XLA's own transpose of the forward is 20x slower.
 
-    grad: ``[batch, *spatial, h, v]``. With a = q·E:
+    grad: ``[batch, *spatial, h*v]``. With a = q·E:
     ``da[o,u,n,h] = Σ_v g[n,h,v] V[n+o,v,u]``, ``dq = Σ_o,u da E``, ``dE = Σ_n,h da q``,
     ``dV[m,v,u] = Σ_o,h a[o,u,m-o,h] g[m-o,h,v]``.
     """
     queries, values, kernel = residuals
-    batch, *spatial, _, depth_u = values.shape
+    batch, *spatial, depth_v, depth_u = values.shape
     s = len(spatial)
     r, c = kernel.shape[0], (kernel.shape[0] - 1) // 2
     heads = queries.shape[-2]
+    grad = grad.reshape(*grad.shape[:-1], heads, depth_v)
     offsets = _offsets(r, spatial)
     offset_kernel = _offset_kernel(kernel, offsets)
 
@@ -287,12 +291,12 @@ _shift_output_vjp.defvjp(_shift_output_fwd, _shift_output_bwd)
 def local_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array) -> jax.Array:
     """The queries applied to the lambda convolution's position lambdas, ``Σ_k q λp``.
 
-    Equal to ``einsum("bnhk,bnkv->bnhv", queries, lambda_convolution(values, kernel))``,
-    which is what it computes when no gradient is taken. Under differentiation it
-    contracts the queries with the kernel first, ``a = q·E`` (``[batch, n, h, r^s, u]``),
-    sums the r^s shifted value slices weighted by ``a`` (h*(k+v) instead of k*v
-    multiply-adds per offset) and computes the gradients by the same shifted passes,
-    which is faster than the convolution's own gradient.
+    Equal to ``einsum("bnhk,bnkv->bnhv", queries, lambda_convolution(values, kernel))`` with
+    heads and values merged, but computed in the other order: the queries are contracted
+    with the kernel first, ``a = q·E`` (``[batch, *spatial, h]`` per offset and u), then the
+    r^s shifted value slices are summed weighted by ``a`` (h*(k+v) instead of k*v
+    multiply-adds per offset). The gradients are computed by the same shifted passes, which
+    is faster than the convolution's own gradient.
 
     Args:
       queries: ``[batch, *spatial, h, k]``.
@@ -300,7 +304,7 @@ def local_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Arr
       kernel: ``[r, ..., r, k, u]`` (one r per spatial axis, r odd).
 
     Returns:
-      ``[batch, n, h, v]`` in ``accumulation_dtype(values.dtype)``.
+      ``[batch, *spatial, h*v]`` (head-major) in ``accumulation_dtype(values.dtype)``.
     """
     batch, *spatial, depth_v, depth_u = values.shape
     s = len(spatial)
@@ -311,4 +315,5 @@ def local_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Arr
     out = _shift_output_vjp(
         queries.astype(accumulate), values.astype(accumulate), kernel.astype(accumulate)
     )
-    return out.reshape(batch, math.prod(spatial), queries.shape[-2], depth_v)
+    chex.assert_shape(out, (batch, *spatial, queries.shape[-2] * depth_v))
+    return out
