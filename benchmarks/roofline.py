@@ -4,7 +4,8 @@ The roofline time of a case is the FLOPs of the paper's formulation (XLA's cost 
 ``baselines.reference_lambda``, forward + backward) divided by the FLOP/s of a large dense
 matmul measured in the same run. A formulation with fewer FLOPs keeps the reference's
 roofline. The second table compares formulations of the local position term alone,
-``Σ_k q λp`` with ``λp`` from the lambda convolution.
+``Σ_k q λp`` with ``λp`` from the lambda convolution; the third times the layer's local
+implementations as the scope r grows (where ``implementation="auto"`` switches).
 
     PYTHONPATH=$PWD python benchmarks/roofline.py [--smoke] [--out DIR]
 """
@@ -38,7 +39,7 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
             receptive_field=r if local else None)
         ref_apply = lambda p, x, pos=pos: baselines.reference_lambda(p, x, heads, pos)  # noqa: E731
         reference_flops = common.flops_of(baselines.training_step(ref_apply), ref_params, x)
-        implementations = ["shift", "conv"] if local else ["shift"]
+        implementations = ["shift", "banded", "conv"] if local else ["auto"]
         variants = {("lambda_jax " + impl if local else "lambda_jax"): impl
                     for impl in implementations}
         variants["paper formulation (jnp)"] = None
@@ -71,6 +72,33 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
                 "train_over_roofline": seconds[label, "train"] / roofline,
                 "train_memory_mb": train["memory_bytes"] / 2**20,
             })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def scope_sweep_rows(batch, size, channels, dim_k, heads, receptive_fields, runs,
+                     shift_max=17):
+    """Layer forward and forward+backward per local implementation as the scope r grows:
+    where ``implementation="auto"`` switches from "shift" to "banded"."""
+    rows = []
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
+    for r in receptive_fields:
+        implementations = ["shift", "banded", "conv"] if r <= shift_max else ["banded", "conv"]
+        compiled = {}
+        for impl in implementations:
+            apply, params = baselines.init_lambda_layer(
+                jax.random.key(1), x, dim_out=channels, dim_k=dim_k, heads=heads,
+                position="local", receptive_field=r, implementation=impl)
+            compiled[impl, "forward"] = common.compile_case(apply, params, x)
+            compiled[impl, "train"] = common.compile_case(baselines.training_step(apply),
+                                                          params, x)
+        seconds = common.time_interleaved(
+            {key: case["run"] for key, case in compiled.items()}, runs)
+        for impl in implementations:
+            rows.append({"r": r, "implementation": impl,
+                         "forward_ms": 1e3 * seconds[impl, "forward"],
+                         "train_ms": 1e3 * seconds[impl, "train"],
+                         "train_memory_mb": compiled[impl, "train"]["memory_bytes"] / 2**20})
             print(rows[-1], flush=True)
     return rows
 
@@ -126,26 +154,33 @@ def main():
         batch, size, channels, runs = 2, 8, 16, 1
         cases = [("global", "global", None), ("local r=3", "local", 3), ("content only", "none", None)]
         receptive_fields = [3]
+        sweep = [3, 5]
     else:
         batch, size, channels, runs = 8, 32, 128, args.runs
         cases = [("global", "global", None), ("local r=9", "local", 9),
                  ("local r=23", "local", 23), ("content only", "none", None)]
         receptive_fields = [9]
+        sweep = [5, 9, 13, 17, 23]
     dim_k, heads = 16, 4
     matmul = common.matmul_case(256 if args.smoke else 2048)
     layers = layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul)
     terms = position_term_rows(batch, size, dim_k, heads, channels // heads, receptive_fields,
                                runs)
+    scopes = scope_sweep_rows(batch, size, channels, dim_k, heads, sweep, runs)
     common.print_table(layers, ["case", "implementation", "forward_ms", "train_ms",
                                 "train_gflop", "achieved_gflops", "reference_gflop",
                                 "matmul_gflops", "roofline_ms", "train_over_roofline", "train_memory_mb"])
     print()
     common.print_table(terms, ["r", "formulation", "forward_ms", "forward_gflop",
                                "train_ms", "train_gflop", "train_memory_mb"])
+    print()
+    common.print_table(scopes, ["r", "implementation", "forward_ms", "train_ms",
+                                "train_memory_mb"])
     settings = dict(batch=batch, size=size, channels=channels, dim_k=dim_k, heads=heads,
                     runs=runs)
     print(common.write_json(args.out, "roofline", {"settings": settings, "layers": layers,
-                                                   "position_term": terms}))
+                                                   "position_term": terms,
+                                                   "scope_sweep": scopes}))
     fig, axes = common.new_figure()
     ax = axes[0, 0]
     labels = [f"{row['case']}\n{row['implementation']}" for row in layers]

@@ -37,6 +37,8 @@ def test_roofline_smoke(tmp_path):
     for row in payload["layers"]:
         assert row["train_ms"] > 0 and row["reference_gflop"] > 0 and row["matmul_gflops"] > 0
     assert len(payload["position_term"]) == 3
+    sweep = {(row["r"], row["implementation"]) for row in payload["scope_sweep"]}
+    assert sweep == {(r, impl) for r in (3, 5) for impl in ("shift", "banded", "conv")}
     assert "| case | implementation |" in stdout
 
 

@@ -89,28 +89,63 @@ def test_layer_implementations_agree_in_value_and_parameter_gradients():
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
             variables["params"], x)
 
-    (_, out_shift), grads_shift = loss(shift)
     (_, out_conv), grads_conv = loss(conv)
-    np.testing.assert_allclose(out_shift, out_conv, rtol=1e-5, atol=1e-5)
-    for got, want in zip(jax.tree.leaves(grads_shift), jax.tree.leaves(grads_conv)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for other in (shift, shift.clone(implementation="banded")):
+        (_, out), grads = loss(other)
+        np.testing.assert_allclose(out, out_conv, rtol=1e-5, atol=1e-5)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_conv)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _implementation_used(layer, x):
+    """Which formulation the layer's computation contains, read from its jaxpr."""
+    variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
+    used = {"conv": "conv_general_dilated" in jaxpr, "shift": "custom_vjp" in jaxpr}
+    assert sum(used.values()) <= 1
+    return next((name for name, found in used.items() if found), "banded")
 
 
 @pytest.mark.parametrize("receptive_field, rank, expected", [
-    (13, 2, "shift"), (15, 2, "conv"), (31, 1, "shift"), (7, 3, "conv"), (5, 3, "shift"),
+    (13, 2, "shift"), (15, 2, "banded"), (31, 1, "shift"), (7, 3, "conv"), (5, 3, "shift"),
 ])
 def test_auto_implementation_picks_by_the_number_of_kernel_offsets(receptive_field, rank,
                                                                   expected):
     layer = LambdaLayer(dim_out=4, dim_k=2, heads=2, position="local",
                         receptive_field=receptive_field)
     x = jnp.zeros((1,) + (3,) * rank + (4,))
-    variables = jax.eval_shape(layer.init, jax.random.key(0), x)
-    jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
-    assert ("conv_general_dilated" in jaxpr) == (expected == "conv")
-    for implementation in ("shift", "conv"):
-        pinned = str(jax.make_jaxpr(layer.clone(implementation=implementation).apply)(
-            variables, x))
-        assert ("conv_general_dilated" in pinned) == (implementation == "conv")
+    assert _implementation_used(layer, x) == expected
+    for implementation in ("shift", "conv") + (("banded",) if rank == 2 else ()):
+        pinned = layer.clone(implementation=implementation)
+        assert _implementation_used(pinned, x) == implementation
+
+
+def test_banded_implementation_on_a_sequence_raises_value_error_naming_the_field():
+    layer = LambdaLayer(dim_out=4, dim_k=2, heads=2, position="local", receptive_field=3,
+                        implementation="banded")
+    with pytest.raises(ValueError, match="LambdaLayer.implementation='banded' needs images"):
+        layer.init(jax.random.key(0), jnp.zeros((1, 6, 4)))
+
+
+@pytest.mark.parametrize("height, width, depth_u, r", [
+    (5, 7, 1, 3),  # one band matrix over the whole width
+    (4, 40, 2, 5),  # blocks of 8 columns, the last one cut
+    (6, 20, 1, 23),  # scope wider than the image
+])
+def test_banded_lambda_convolution_equals_the_convolution_in_value_and_gradient(
+        height, width, depth_u, r):
+    keys = jax.random.split(jax.random.key(3), 3)
+    values = jax.random.normal(keys[0], (2, height, width, 3, depth_u))
+    kernel = jax.random.normal(keys[1], (r, r, 4, depth_u))
+    cotangent = jax.random.normal(keys[2], (2, height * width, 4, 3))
+    results = []
+    for f in (position.banded_lambda_convolution, position.lambda_convolution):
+        out, vjp = jax.vjp(jax.jit(f), values, kernel)
+        results.append((out, vjp(cotangent)))
+    (out, grads), (expected, expected_grads) = results
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 def test_unknown_implementation_raises_value_error_naming_the_field():

@@ -15,9 +15,9 @@ from lambda_jax.layers import position as position_lib
 from lambda_jax.layers.norm import batch_norm
 
 POSITIONS = ("global", "local", "none")
-IMPLEMENTATIONS = ("auto", "shift", "conv")
-# "auto" uses "shift" up to this many kernel offsets (13x13 in 2-D) and "conv" above: on CPU
-# the shifted sums win up to r=13 and lose from r=17 on (benchmarks/roofline.py --sweep).
+IMPLEMENTATIONS = ("auto", "shift", "banded", "conv")
+# "auto" uses "shift" up to this many kernel offsets (13x13 in 2-D), above it "banded" for
+# images and "conv" otherwise: measured on CPU by benchmarks/roofline.py (scope sweep).
 SHIFT_MAX_OFFSETS = 169
 STRIDE_POOLS = ("3x3", "2x2")
 
@@ -67,12 +67,14 @@ class LambdaLayer(nn.Module):
       dim_u: intra-depth u.
       position: ``"global"``, ``"local"`` or ``"none"`` (content lambda only).
       receptive_field: scope r of the lambda convolution (odd, ``position="local"``).
-      implementation: how non-causal ``position="local"`` is computed: ``"shift"``
-        contracts the queries with the kernel first and sums shifted value slices, with a
-        hand-written gradient (fewer FLOPs; fastest for small scopes); ``"conv"`` is the
-        paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (faster for
-        large scopes); ``"auto"`` takes ``"shift"`` while ``r ** rank <= 169`` (r <= 13 for
-        images) and ``"conv"`` above. All give the same values and gradients.
+      implementation: how non-causal ``position="local"`` is computed, all with the same
+        values and gradients: ``"shift"`` contracts the queries with the kernel first and
+        sums shifted value slices, with a hand-written gradient (fewest FLOPs, fastest for
+        small scopes); ``"banded"`` (images only) computes the lambda convolution as one
+        matrix product with banded kernel matrices (fastest for large scopes); ``"conv"`` is
+        the paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (the
+        reference); ``"auto"`` takes ``"shift"`` while ``r ** rank <= 169`` (r <= 13 for
+        images), else ``"banded"`` for images and ``"conv"`` for sequences and volumes.
       use_batchnorm: normalise queries and values: batch norm, or layer norm over the
         channels of each position when ``causal`` (batch statistics over positions would
         leak the future into the past during training).
@@ -129,6 +131,11 @@ class LambdaLayer(nn.Module):
                 f"LambdaLayer.implementation must be one of {IMPLEMENTATIONS}, got "
                 f"{self.implementation!r}."
             )
+        if self.implementation == "banded" and x.ndim != 4 and self.position == "local":
+            raise ValueError(
+                "LambdaLayer.implementation='banded' needs images [batch, height, width, "
+                f"channels]; got an input of shape {x.shape}. Use 'auto', 'shift' or 'conv'."
+            )
         if self.position == "local" and (
             self.receptive_field < 1 or (self.receptive_field % 2 == 0 and not self.causal)
         ):
@@ -170,7 +177,9 @@ class LambdaLayer(nn.Module):
         """``"shift"`` or ``"conv"``: the ``implementation`` with ``"auto"`` resolved."""
         if self.implementation != "auto":
             return self.implementation
-        return "shift" if self.receptive_field ** len(spatial) <= SHIFT_MAX_OFFSETS else "conv"
+        if self.receptive_field ** len(spatial) <= SHIFT_MAX_OFFSETS:
+            return "shift"
+        return "banded" if len(spatial) == 2 else "conv"
 
     def _relative_table(self, spatial: tuple[int, ...]) -> jax.Array:
         shape = tuple(2 * size - 1 for size in spatial) + (self.dim_k, self.dim_u)
@@ -329,6 +338,8 @@ class LambdaLayer(nn.Module):
                 lambdas = lambdas + position_lib.global_position_lambdas(values, table)
             elif kernel is not None and self._local_implementation(spatial) == "conv":
                 lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
+            elif kernel is not None and self._local_implementation(spatial) == "banded":
+                lambdas = lambdas + position_lib.banded_lambda_convolution(values, kernel)
         if self.position_bias:
             bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
             lambdas = lambdas + bias[:, None].astype(lambdas.dtype)

@@ -162,6 +162,67 @@ def lambda_convolution(values: jax.Array, kernel: jax.Array, causal: bool = Fals
     return jnp.transpose(out, (0, 2, 3, 1))
 
 
+def _band_block(width: int, receptive_field: int) -> int:
+    """Output columns per banded product: fewest multiply-adds, at least 8 columns.
+
+    A block of B output columns reads B + r - 1 input columns; the whole width (B = W)
+    needs no padding and reads W columns.
+    """
+    def cost(block):
+        if block >= width:
+            return width * width
+        return -(-width // block) * block * (block + receptive_field - 1)
+
+    candidates = [block for block in (8, 16, 32, 64) if block < width] + [width]
+    return min(candidates, key=cost)
+
+
+def banded_lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The lambda convolution of an image as matrix products with banded kernel matrices.
+
+    For each of the r kernel rows and each block of B output columns, the kernel row is a
+    ``[B, B + r - 1]`` banded (Toeplitz) matrix per (k, u); the position lambdas are one
+    matrix product of those with the value rows each output row sees:
+    ``λp[b, y, x, k, v] = Σ_{dy, X, u} V[b, y + dy - c, X, v, u] T[dy, x, X, k, u]``.
+    It does ``(B + r - 1) / r`` times the convolution's multiply-adds (with B = W when
+    that is fewest), all of them in one dense matrix product.
+
+    Args:
+      values: ``[batch, height, width, v, u]``.
+      kernel: ``[r, r, k, u]`` (r odd).
+
+    Returns:
+      ``[batch, height * width, k, v]`` in ``accumulation_dtype(values.dtype)``, equal to
+      ``lambda_convolution(values, kernel)``.
+    """
+    batch, height, width, depth_v, depth_u = values.shape
+    r = kernel.shape[0]
+    c = (r - 1) // 2
+    chex.assert_shape(kernel, (r, r, None, depth_u))
+    block = _band_block(width, r)
+    kernel = kernel.astype(values.dtype)
+    if block == width:
+        offset = np.arange(width)[None, :] - np.arange(width)[:, None] + c  # [x, X]
+        inside = (offset >= 0) & (offset < r)
+        bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
+        padded = jnp.pad(values, ((0, 0), (c, c), (0, 0), (0, 0), (0, 0)))
+        windows = padded[:, :, None]  # [b, H + 2c, blocks = 1, W, v, u]
+    else:
+        blocks = -(-width // block)
+        offset = np.arange(block + 2 * c)[None, :] - np.arange(block)[:, None]  # [x, X]
+        inside = (offset >= 0) & (offset < r)
+        bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
+        padded = jnp.pad(values, ((0, 0), (c, c), (c, blocks * block - width + c), (0, 0),
+                                  (0, 0)))
+        columns = np.arange(blocks)[:, None] * block + np.arange(block + 2 * c)[None, :]
+        windows = padded[:, :, columns]  # [b, H + 2c, blocks, B + 2c, v, u]
+    rows = jnp.stack([windows[:, dy:dy + height] for dy in range(r)], axis=2)
+    lambdas = jnp.einsum("bydjXvu,dxXku->byjxkv", rows, bands,
+                         preferred_element_type=accumulation_dtype(values.dtype))
+    lambdas = lambdas.reshape(batch, height, -1, *lambdas.shape[-2:])[:, :, :width]
+    return lambdas.reshape(batch, height * width, *lambdas.shape[-2:])
+
+
 def _offsets(receptive_field: int, spatial: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
     """The kernel offsets that reach into the input: ``(flat kernel index, start)`` pairs.
 
