@@ -316,6 +316,7 @@ class LambdaLayer(nn.Module):
                 self.param_dtype,
             )
 
+        local = None  # the non-causal local formulation, resolved from "auto"
         if decode_state is not None:
             lambdas, decode_state = causal_lib.decode_content_step(
                 decode_state, keys[:, 0], flat_values[:, 0])
@@ -333,12 +334,14 @@ class LambdaLayer(nn.Module):
             lambdas = jnp.einsum(
                 "bmuk,bmvu->bkv", keys, flat_values, preferred_element_type=accumulate
             )[:, None]  # content lambda, shared by every position: [batch, 1, k, v]
+            if kernel is not None:
+                local = self._local_implementation(spatial)
             if self.position == "global":
                 table = self._relative_table(spatial)
                 lambdas = lambdas + position_lib.global_position_lambdas(values, table)
-            elif kernel is not None and self._local_implementation(spatial) == "conv":
+            elif local == "conv":
                 lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
-            elif kernel is not None and self._local_implementation(spatial) == "banded":
+            elif local == "banded":
                 lambdas = lambdas + position_lib.banded_lambda_convolution(values, kernel)
         if self.position_bias:
             bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
@@ -350,12 +353,7 @@ class LambdaLayer(nn.Module):
             lambdas.astype(compute_dtype),
             preferred_element_type=accumulate,
         ).reshape(batch, *spatial, h * v)
-        if (
-            self.position == "local"
-            and self._local_implementation(spatial) == "shift"
-            and not self.causal
-            and decode_state is None
-        ):
+        if local == "shift":
             out = out + position_lib.local_position_output(
                 queries.reshape(batch, *spatial, h, k), values, kernel
             )

@@ -203,19 +203,17 @@ def banded_lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array
     kernel = kernel.astype(values.dtype)
     if block == width:
         offset = np.arange(width)[None, :] - np.arange(width)[:, None] + c  # [x, X]
-        inside = (offset >= 0) & (offset < r)
-        bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
         padded = jnp.pad(values, ((0, 0), (c, c), (0, 0), (0, 0), (0, 0)))
         windows = padded[:, :, None]  # [b, H + 2c, blocks = 1, W, v, u]
     else:
         blocks = -(-width // block)
         offset = np.arange(block + 2 * c)[None, :] - np.arange(block)[:, None]  # [x, X]
-        inside = (offset >= 0) & (offset < r)
-        bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
         padded = jnp.pad(values, ((0, 0), (c, c), (c, blocks * block - width + c), (0, 0),
                                   (0, 0)))
         columns = np.arange(blocks)[:, None] * block + np.arange(block + 2 * c)[None, :]
         windows = padded[:, :, columns]  # [b, H + 2c, blocks, B + 2c, v, u]
+    inside = (offset >= 0) & (offset < r)  # the offset X - x lies in the kernel
+    bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
     rows = jnp.stack([windows[:, dy:dy + height] for dy in range(r)], axis=2)
     lambdas = jnp.einsum("bydjXvu,dxXku->byjxkv", rows, bands,
                          preferred_element_type=accumulation_dtype(values.dtype))
