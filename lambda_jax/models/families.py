@@ -39,6 +39,16 @@ layer in ResNet-50's 3x3 slots with SAN's settings (footprint 7x7, 3x3 in the 56
 in SAN's first stage; relation depth = input channels / 16; weights shared by 8 output
 channels; biases on its projections), 17.15M parameters.
 
+**The ablation table over k, h and u** (ResNet-50 with a lambda layer in every slot, 15
+rows): ``resnet50_lambda_k{k}_h{h}_u{u}``. The rows' scopes are not printed; the u=1 rows use
+Table 3's 23x23 lambda convolution and the u>1 rows the 7x7 one of its 'lambda layer, u=4'
+row. The printed counts (read from the paper's table; leaderj1001/LambdaNetworks' README
+transcribes the same numbers) are then matched within 2% by every row but k=8, h=16, u=1:
+14.90M here against 15.6M printed. More heads lower the count at these widths (the values'
+depth v = d/h shrinks faster than the queries' k*h grow: the paper's own k=8 rows go from
+14.8M at h=4 to 14.7M at h=8), so h=16 adds only 0.16M to h=8; no scope, u or projection
+setting we tried gives the 0.9M the printed value implies.
+
 **LambdaResNets** (the paper's Figure 4 and appendix): ResNet-RS bodies (Bello et al. 2021,
 "Revisiting ResNets", arXiv 2103.07579: ResNet-D stem with the max pool replaced by a strided
 conv, ResNet-D shortcuts, squeeze-excitation 0.25; stage depths 50 [3,4,6,3], 101 [3,4,23,3],
@@ -187,6 +197,25 @@ for _placement in ("cccc", "lccc", "llcc", "lllc", "llll", "clll", "ccll", "cccl
         "u=1, 23x23 lambda convolution).",
         224,
         stage_slots=tuple(TABLE3_LAMBDA if kind == "l" else ConvSlot() for kind in _placement),
+    )
+
+# The paper's ablation table over the query depth k, the heads h and the intra-depth u
+# (ResNet-50 with a lambda layer in every slot): (k, h, u) of each row.
+ABLATION_SETTINGS = (
+    (8, 2, 1), (8, 16, 1), (2, 4, 1), (4, 4, 1), (8, 4, 1), (16, 4, 1), (32, 4, 1),
+    (2, 8, 1), (4, 8, 1), (8, 8, 1), (16, 8, 1), (32, 8, 1), (8, 8, 4), (8, 8, 8), (16, 4, 4),
+)
+for _k, _h, _u in ABLATION_SETTINGS:
+    _scope = 23 if _u == 1 else 7
+    _register(
+        f"resnet50_lambda_k{_k}_h{_h}_u{_u}",
+        f"ResNet-50 with a lambda layer in every 3x3 slot, row k={_k}, h={_h}, u={_u} of the "
+        f"paper's ablation table over k, h and u: {_scope}x{_scope} lambda convolution "
+        "(23x23 with u=1 as in Table 3's 'lambda layer', 7x7 with u>1 as in its 'lambda layer, "
+        "u=4').",
+        224,
+        stage_slots=(LambdaSlot(dim_k=_k, heads=_h, dim_u=_u, position="local",
+                                receptive_field=_scope),) * 4,
     )
 
 for _depth, _stages in RESNET_RS_DEPTHS.items():
