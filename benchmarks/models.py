@@ -33,7 +33,6 @@ from lambda_jax.models.resnet import AttentionSlot  # noqa: E402
 from lambda_jax.train.optim import cross_entropy_loss  # noqa: E402
 
 NUM_CLASSES = 1000
-GLOBAL_ATTENTION = AttentionSlot(heads=8, window=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +56,8 @@ MODELS = (
     ModelSpec("lambda_resnet50", "LambdaResNet-50", "lambda_resnet50"),
     ModelSpec("local_attention", "ResNet-50, local self-attention 7x7",
               "resnet50_local_attention_table3"),
-    ModelSpec("global_attention", "ResNet-50, global self-attention", "resnet50",
-              (("stage_slots", (GLOBAL_ATTENTION,) * 4),)),
+    ModelSpec("global_attention", "ResNet-50, global self-attention",
+              "resnet50_global_attention_table4"),
 )
 # The same kinds of model at a size that compiles in seconds: one block per stage.
 _TINY_LOCAL = AttentionSlot(heads=4, window=3)

@@ -6,7 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lambda_jax.layers.attention import AttentionAugmentedConv, RelativeSelfAttention
+from lambda_jax.layers.attention import (
+    AttentionAugmentedConv,
+    AxialSelfAttention,
+    RelativeSelfAttention,
+)
 
 
 def _key(seed):
@@ -173,3 +177,58 @@ def test_augmented_conv_bad_settings_raise(settings, message):
                                       **settings})
     with pytest.raises(ValueError, match=message):
         layer.init(_key(0), jnp.ones((1, 4, 4, 8)))
+
+
+def naive_axial_attention(x, params, heads):
+    """Column by column, then row by row: softmax over the line of q·k + q·R[offset]."""
+    out = np.asarray(x, np.float64)
+    for axis in ("height", "width"):
+        wq, wk, wv = (np.asarray(params[f"{axis}_{n}"]["kernel"], np.float64)
+                      for n in ("query", "key", "value"))
+        table = np.asarray(params[f"{axis}_embeddings"], np.float64)
+        lines = out if axis == "height" else out.transpose(0, 2, 1, 3)  # attend along axis 1
+        batch, length, others, _ = lines.shape
+        depth = wq.shape[1] // heads
+        q = (lines @ wq).reshape(batch, length, others, heads, depth) * depth**-0.5
+        k = (lines @ wk).reshape(batch, length, others, heads, depth)
+        v = (lines @ wv).reshape(batch, length, others, heads, -1)
+        result = np.zeros(v.shape)
+        for b in range(batch):
+            for o in range(others):
+                for h in range(heads):
+                    for n in range(length):
+                        logits = np.array([
+                            q[b, n, o, h] @ (k[b, m, o, h] + table[m - n + length - 1])
+                            for m in range(length)])
+                        weights = np.exp(logits - logits.max())
+                        result[b, n, o, h] = (weights / weights.sum()) @ v[b, :, o, h]
+        out = result.reshape(batch, length, others, -1)
+        if axis == "width":
+            out = out.transpose(0, 2, 1, 3)
+    return out
+
+
+@pytest.mark.parametrize("height,width,key_depth", [(4, 3, None), (3, 5, 3)])
+def test_axial_attention_matches_the_naive_reference(height, width, key_depth):
+    layer = AxialSelfAttention(dim_out=8, heads=2, key_depth=key_depth)
+    x = jnp.asarray(np.random.RandomState(1).normal(size=(2, height, width, 6)), jnp.float32)
+    params = jax.jit(layer.init)(_key(0), x)["params"]
+    params = {name: value * 3 if name.endswith("embeddings") else value
+              for name, value in params.items()}  # so that the position logits matter
+    assert params["height_embeddings"].shape == (2 * height - 1, key_depth or 4)
+    assert params["width_embeddings"].shape == (2 * width - 1, key_depth or 4)
+    out = jax.jit(layer.apply)({"params": params}, x)
+    assert out.shape == (2, height, width, 8)
+    np.testing.assert_allclose(out, naive_axial_attention(x, params, 2), rtol=2e-4, atol=2e-5)
+
+
+def test_axial_attention_in_bfloat16_and_bad_settings():
+    x = jnp.ones((1, 4, 6, 8), jnp.bfloat16)
+    layer = AxialSelfAttention(16, heads=4, dtype=jnp.bfloat16)
+    variables = jax.jit(layer.init)(_key(0), x)
+    out = jax.jit(layer.apply)(variables, x)
+    assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(ValueError, match="built for inputs with 4 rows/columns.*5"):
+        layer.apply(variables, jnp.ones((1, 5, 6, 8), jnp.bfloat16))
+    with pytest.raises(ValueError, match="dim_out \\(10\\) must be a positive multiple of heads"):
+        AxialSelfAttention(10, heads=4).init(_key(0), x)

@@ -15,6 +15,7 @@ from lambda_jax.models import (
     ARCHITECTURES,
     AttentionSlot,
     AugmentedConvSlot,
+    AxialAttentionSlot,
     Bottleneck,
     ConvSlot,
     LambdaSlot,
@@ -277,6 +278,7 @@ def test_strided_lambda_block_pools_after_the_layer():
 @pytest.mark.parametrize("slot,layer", [
     (AugmentedConvSlot(heads=2, min_key_depth_per_head=2), "augmented_conv2"),
     (SANSlot(kernel_size=3), "san2"),
+    (AxialAttentionSlot(heads=2), "axial_attention2"),
 ])
 def test_strided_attention_blocks_halve_the_resolution(slot, layer):
     block = Bottleneck(width=16, slot=slot, stride=2, zero_init_last_bn=False)
@@ -301,6 +303,20 @@ def test_table3_attention_rows_place_their_layers():
     c2, c5 = san["stage1_block1"]["san2"], san["stage4_block3"]["san2"]
     assert c2["relation_weights"]["kernel"].shape == (8, 9 * 8)  # 3x3, 64 / 8 channels
     assert c5["relation_reduce"]["kernel"].shape == (32 * 50, 64)  # 512 / 16, 7x7 + 1
+
+
+def test_table4_rows_place_their_layers():
+    axial = _abstract_model("resnet50_axial_attention_table4")[1]["params"]
+    c2 = axial["stage1_block1"]["axial_attention2"]  # 56x56, 8 heads of depth 64 / 8
+    assert c2["height_embeddings"].shape == (111, 8) and c2["width_embeddings"].shape == (111, 8)
+    assert c2["width_query"]["kernel"].shape == (64, 64)
+    assert axial["stage4_block1"]["axial_attention2"]["height_embeddings"].shape == (27, 64)
+    global_attention = _abstract_model("resnet50_global_attention_table4")[1]["params"]
+    assert global_attention["stage1_block1"]["attention2"]["row_embeddings"].shape == (111, 4)
+    conv7 = _abstract_model("resnet50_lambda_conv7_table4")[1]["params"]
+    assert conv7["stage3_block2"]["lambda2"]["local_embeddings"].shape == (7, 7, 16, 1)
+    assert ARCHITECTURES["resnet50_lambda_k8_h4_u1"]["stage_slots"] == (
+        LambdaSlot(dim_k=8, heads=4, dim_u=1, position="local", receptive_field=23),) * 4
 
 
 def test_augmented_conv_slot_depths():

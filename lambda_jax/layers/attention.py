@@ -95,15 +95,8 @@ class RelativeSelfAttention(nn.Module):
         return key_depth, self.dim_out // self.heads
 
     def _table(self, name: str, rows: int, depth: int, size: int) -> jax.Array:
-        if self.has_variable("params", name):
-            built = self.get_variable("params", name).shape[0]
-            if built != rows:
-                raise ValueError(
-                    "RelativeSelfAttention with window=None was built for inputs with "
-                    f"{(built + 1) // 2} rows/columns and cannot be applied to {size}; use "
-                    "a local window or build the layer at the new size."
-                )
-        return self.param(name, nn.initializers.normal(depth**-0.5), (rows, depth), self.param_dtype)
+        return _offset_table(self, name, rows, depth, size,
+                             "use a local window or build the layer at the new size")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,6 +141,26 @@ class RelativeSelfAttention(nn.Module):
         out = out.astype(compute_dtype).reshape(batch, height, width, self.dim_out)
         chex.assert_shape(out, (batch, height, width, self.dim_out))
         return out
+
+
+def _offset_table(
+    module: nn.Module, name: str, rows: int, depth: int, size: int, remedy: str
+) -> jax.Array:
+    """The parameter ``name``: an offset embedding table ``[rows, depth]``, ``N(0, depth^-1/2)``.
+
+    A global table (``rows = 2 * size - 1``) fixes the input size at init; applying the layer
+    to another size raises an error that ends with ``remedy``, what the user can do instead.
+    """
+    if module.has_variable("params", name):
+        built = module.get_variable("params", name).shape[0]
+        if built != rows:
+            raise ValueError(
+                f"{type(module).__name__} was built for inputs with {(built + 1) // 2} "
+                f"rows/columns and cannot be applied to {size}; {remedy}."
+            )
+    return module.param(
+        name, nn.initializers.normal(depth**-0.5), (rows, depth), module.param_dtype
+    )
 
 
 def _offset_logits(
@@ -242,6 +255,96 @@ def _local_attention(
         value_windows,
         preferred_element_type=accumulate,
     )
+
+
+class AxialSelfAttention(nn.Module):
+    """Axial self-attention (Ho et al. 2019, arXiv 1912.12180; Wang et al. 2020, "Axial-DeepLab",
+    arXiv 2003.07853): the "axial self-attention" row of the LambdaNetworks paper's Table 4.
+
+    Two multi-head attention passes, each global along one axis: every position attends to its
+    column (the height pass), then the result to its row (the width pass), so information
+    reaches the whole image in two steps and the weights take ``[batch, h, n, height]`` and
+    ``[batch, h, n, width]`` instead of ``[batch, h, n, n]``. Each pass has its own 1x1
+    query, key and value projections (no bias) and relative logits along its axis,
+    ``logit[n, m] = q_n · k_m + q_n · R[p_m - p_n]`` with queries scaled by ``d^-1/2``.
+
+    Input ``x``: ``[batch, height, width, channels]``; output ``[batch, height, width,
+    dim_out]``. With ``h = heads``, ``d = key_depth`` (default ``dim_out // heads``) and
+    ``v = dim_out // heads``, the tables ``[2*height-1, d]`` and ``[2*width-1, d]`` fix the
+    input size at init. Logits and the softmax are computed in float32 whatever ``dtype`` is.
+
+    Attributes:
+      dim_out: output channels of both passes; divisible by ``heads``.
+      heads: number of attention heads.
+      key_depth: per-head query/key depth d; ``None`` means ``dim_out // heads``.
+      dtype: compute dtype (``None``: from the input and the parameters).
+      param_dtype: parameter dtype.
+    """
+
+    dim_out: int
+    heads: int = 8
+    key_depth: Optional[int] = None
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+
+    def _axis_pass(self, x: jax.Array, axis: str) -> jax.Array:
+        """Attention along ``axis`` ("height" or "width") of ``x`` ``[batch, H, W, C]``."""
+        h = self.heads
+        key_depth = self.key_depth or self.dim_out // h
+        value_depth = self.dim_out // h
+        lines = x if axis == "height" else jnp.swapaxes(x, 1, 2)  # attend along axis 1
+        batch, length, others, _ = lines.shape
+
+        def projection(features: int, name: str) -> nn.Dense:
+            return nn.Dense(features, use_bias=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=f"{axis}_{name}")
+
+        # Lines are attended independently: fold them into the batch, one column each.
+        lines = jnp.swapaxes(lines, 1, 2).reshape(batch * others, length, 1, -1)
+        queries = projection(h * key_depth, "query")(lines) * key_depth**-0.5
+        keys = projection(h * key_depth, "key")(lines)
+        values = projection(h * value_depth, "value")(lines)
+        compute_dtype = values.dtype
+        table = _offset_table(
+            self, f"{axis}_embeddings", 2 * length - 1, key_depth, length,
+            "build the layer at the new size"
+        )
+        shape = (batch * others, length, 1, h)
+        out = _global_attention(
+            queries.reshape(*shape, key_depth),
+            keys.reshape(*shape, key_depth),
+            values.reshape(*shape, value_depth),
+            table,
+            jnp.zeros((1, key_depth), table.dtype),  # one column: no column offsets
+            False,
+            position_lib.accumulation_dtype(compute_dtype),
+        )
+        out = out.astype(compute_dtype).reshape(batch, others, length, self.dim_out)
+        return out if axis == "width" else jnp.swapaxes(out, 1, 2)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the layer.
+
+        Args:
+          x: ``[batch, height, width, channels]``.
+
+        Returns:
+          ``[batch, height, width, dim_out]``.
+        """
+        chex.assert_rank(x, 4)
+        if self.dim_out < 1 or self.heads < 1 or self.dim_out % self.heads:
+            raise ValueError(
+                f"AxialSelfAttention.dim_out ({self.dim_out}) must be a positive multiple of "
+                f"heads ({self.heads})."
+            )
+        if self.key_depth is not None and self.key_depth < 1:
+            raise ValueError(
+                f"AxialSelfAttention.key_depth must be positive or None, got {self.key_depth}."
+            )
+        out = self._axis_pass(self._axis_pass(x, "height"), "width")
+        chex.assert_shape(out, x.shape[:3] + (self.dim_out,))
+        return out
 
 
 class AttentionAugmentedConv(nn.Module):

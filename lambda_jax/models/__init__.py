@@ -8,6 +8,7 @@ from lambda_jax.models.registry import create_model, list_models, register_model
 from lambda_jax.models.resnet import (
     AttentionSlot,
     AugmentedConvSlot,
+    AxialAttentionSlot,
     Bottleneck,
     ConvSlot,
     LambdaSlot,
@@ -24,6 +25,7 @@ __all__ = [
     "AttentionLanguageModel",
     "AttentionSlot",
     "AugmentedConvSlot",
+    "AxialAttentionSlot",
     "Bottleneck",
     "ConvSlot",
     "TimmLambdaResNet",

@@ -39,6 +39,15 @@ layer in ResNet-50's 3x3 slots with SAN's settings (footprint 7x7, 3x3 in the 56
 in SAN's first stage; relation depth = input channels / 16; weights shared by 8 output
 channels; biases on its projections), 17.15M parameters.
 
+**Table 4** (memory and throughput of ResNet-50 variants; no parameter counts printed): its
+'lambda layer' and 'local self-attention 7x7' rows are Table 3's ``resnet50_lambda_table3``
+and ``resnet50_local_attention_table3``, 'lambda layer, k=8' is the ablation row
+``resnet50_lambda_k8_h4_u1`` below; the others are ``resnet50_lambda_conv7_table4``,
+``resnet50_global_attention_table4`` and ``resnet50_axial_attention_table4`` (Ho et al. 2019,
+arXiv 1912.12180; Wang et al. 2020, arXiv 2003.07853: a height pass then a width pass of
+multi-head attention with relative logits, each global along its axis; 8 heads as in the
+other attention rows).
+
 **The ablation table over k, h and u** (ResNet-50 with a lambda layer in every slot, 15
 rows): ``resnet50_lambda_k{k}_h{h}_u{u}``. The rows' scopes are not printed; the u=1 rows use
 Table 3's 23x23 lambda convolution and the u>1 rows the 7x7 one of its 'lambda layer, u=4'
@@ -71,6 +80,7 @@ from lambda_jax.models.registry import build_model, register_model
 from lambda_jax.models.resnet import (
     AttentionSlot,
     AugmentedConvSlot,
+    AxialAttentionSlot,
     ConvSlot,
     LambdaSlot,
     ResNet,
@@ -96,6 +106,7 @@ LAMBDA_BLOCKS_IN_C4 = {50: 1, 101: 3, 152: 6, 200: 6, 270: 6, 350: 6, 420: 8}
 TABLE3_LAMBDA = LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=23)
 TABLE3_LAMBDA_U4 = LambdaSlot(dim_k=16, heads=4, dim_u=4, position="local", receptive_field=7)
 LOCAL_ATTENTION = AttentionSlot(heads=8, window=7)
+GLOBAL_ATTENTION = AttentionSlot(heads=8, window=None)
 AUGMENTED_CONV = AugmentedConvSlot(
     key_ratio=0.2, value_ratio=0.1, heads=8, min_key_depth_per_head=20
 )
@@ -188,6 +199,29 @@ _register(
     "column embeddings; 18.0M parameters.",
     224,
     stage_slots=(LOCAL_ATTENTION,) * 4,
+)
+_register(
+    "resnet50_lambda_conv7_table4",
+    "ResNet-50 with a lambda layer in every 3x3 slot, Table 4 row 'lambda convolution 7x7': "
+    "k=16, h=4, u=1 with a 7x7 lambda convolution.",
+    224,
+    stage_slots=(LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=7),) * 4,
+)
+_register(
+    "resnet50_global_attention_table4",
+    "ResNet-50 with global relative self-attention in every 3x3 slot, Table 4 row 'global "
+    "self-attention' (out of memory in the paper): 8 heads, every position attends to the "
+    "whole image, relative row and column embeddings.",
+    224,
+    stage_slots=(GLOBAL_ATTENTION,) * 4,
+)
+_register(
+    "resnet50_axial_attention_table4",
+    "ResNet-50 with axial self-attention (Ho et al. 2019; Wang et al. 2020) in every 3x3 slot, "
+    "Table 4 row 'axial self-attention': 8 heads, a height pass then a width pass, each global "
+    "along its axis with relative embeddings.",
+    224,
+    stage_slots=(AxialAttentionSlot(heads=8),) * 4,
 )
 for _placement in ("cccc", "lccc", "llcc", "lllc", "llll", "clll", "ccll", "cccl"):
     _register(

@@ -9,12 +9,13 @@ chooses what sits in the 3x3 slot of each bottleneck block:
 * :class:`LambdaSlot` - a :class:`~lambda_jax.layers.LambdaLayer` (global or local scope r,
   key depth k, heads h, intra-depth u);
 * :class:`AttentionSlot` - :class:`~lambda_jax.layers.attention.RelativeSelfAttention`;
+* :class:`AxialAttentionSlot` - :class:`~lambda_jax.layers.attention.AxialSelfAttention`;
 * :class:`AugmentedConvSlot` - an attention-augmented convolution
   (:class:`~lambda_jax.layers.attention.AttentionAugmentedConv`, Bello et al. 2019);
 * :class:`SANSlot` - SAN's patchwise self-attention
   (:class:`~lambda_jax.layers.san.PatchwiseSelfAttention`, Zhao et al. 2020).
 
-A stride-2 block whose slot is a lambda layer, attention or SAN applies the layer at full
+A stride-2 block whose slot is a lambda layer, attention (global, local or axial) or SAN applies the layer at full
 resolution and then a 3x3 average pool with stride 2 ("3x3 average-pooling with stride 2
 after the lambda layers ... in place of the strided convolution", the paper's appendix). An
 attention-augmented convolution strides its convolution and attends over its input
@@ -41,7 +42,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers.attention import AttentionAugmentedConv, RelativeSelfAttention
+from lambda_jax.layers.attention import (
+    AttentionAugmentedConv,
+    AxialSelfAttention,
+    RelativeSelfAttention,
+)
 from lambda_jax.layers.lambda_layer import LambdaLayer
 from lambda_jax.layers.norm import batch_norm
 from lambda_jax.layers.san import PatchwiseSelfAttention
@@ -75,6 +80,14 @@ class AttentionSlot:
 
     heads: int = 8
     window: Optional[int] = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class AxialAttentionSlot:
+    """Axial self-attention in the bottleneck slot: height pass then width pass, each global
+    along its axis (:class:`~lambda_jax.layers.attention.AxialSelfAttention`)."""
+
+    heads: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +147,7 @@ class SANSlot:
         return max(1, features // self.relation_reduction)
 
 
-Slot = Union[ConvSlot, LambdaSlot, AttentionSlot, AugmentedConvSlot, SANSlot]
+Slot = Union[ConvSlot, LambdaSlot, AttentionSlot, AxialAttentionSlot, AugmentedConvSlot, SANSlot]
 SlotSpec = Union[str, Mapping[str, Any], Slot]
 STEMS = ("imagenet", "resnet_d", "resnet_rs", "cifar")
 
@@ -143,6 +156,7 @@ _SLOT_CLASSES = {
     "conv": ConvSlot,
     "lambda": LambdaSlot,
     "attention": AttentionSlot,
+    "axial_attention": AxialAttentionSlot,
     "augmented_conv": AugmentedConvSlot,
     "san": SANSlot,
 }
@@ -179,9 +193,9 @@ def resolve_stage_slots(
     Args:
       stage_slots: one entry per stage: a slot for every block of the stage, or a sequence
         with one slot per block. A slot is a :class:`ConvSlot`, :class:`LambdaSlot`,
-        :class:`AttentionSlot`, :class:`AugmentedConvSlot` or :class:`SANSlot`, its name
-        (``"conv"``, ``"lambda"``, ``"attention"``, ``"augmented_conv"``, ``"san"``: default
-        settings) or a mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
+        :class:`AttentionSlot`, :class:`AxialAttentionSlot`, :class:`AugmentedConvSlot` or
+        :class:`SANSlot`, its name (``"conv"``, ``"lambda"``, ``"attention"``,
+        ``"axial_attention"``, ``"augmented_conv"``, ``"san"``: default settings) or a mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
       stage_depths: number of blocks per stage.
 
     Returns:
@@ -325,6 +339,14 @@ class Bottleneck(nn.Module):
                 param_dtype=self.param_dtype,
                 name="lambda2",
             )(y, train=train)
+        elif isinstance(slot, AxialAttentionSlot):
+            y = AxialSelfAttention(
+                dim_out=self.width,
+                heads=slot.heads,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="axial_attention2",
+            )(y)
         elif isinstance(slot, SANSlot):
             y = PatchwiseSelfAttention(
                 dim_out=self.width,
