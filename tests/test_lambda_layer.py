@@ -232,6 +232,34 @@ def test_local_and_content_layers_accept_any_size():
         assert layer.apply(variables, jnp.ones((3, 9, 5, 4))).shape == (3, 9, 5, 8)
 
 
+@pytest.mark.parametrize("position,shape", [("global", (2, 4, 5, 6)), ("local", (2, 4, 5, 6)),
+                                            ("local", (2, 7, 6))])
+def test_given_embeddings_replace_the_layers_own(position, shape):
+    layer = LambdaLayer(dim_out=8, dim_k=4, heads=2, dim_u=2, position=position,
+                        receptive_field=3)
+    x, variables = _build(layer, shape)
+    name = "relative_embeddings" if position == "global" else "local_embeddings"
+    own = variables["params"][name]
+    assert own.shape == layer.position_embedding_shape(shape[1:-1])
+    without = {**variables, "params": {k: v for k, v in variables["params"].items() if k != name}}
+    given = jax.jit(lambda v, x, e: layer.apply(v, x, embeddings=e))(without, x, own)
+    np.testing.assert_allclose(given, jax.jit(layer.apply)(variables, x), rtol=1e-5, atol=1e-4)
+    assert name not in layer.init(jax.random.key(0), x, embeddings=own)["params"]
+    gradient = jax.grad(lambda e: layer.apply(without, x, embeddings=e).sum())(own)
+    own_gradient = jax.grad(lambda p: layer.apply({**variables, "params": p}, x).sum())(
+        variables["params"])[name]
+    np.testing.assert_allclose(gradient, own_gradient, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_of_the_wrong_shape_or_mode_raise():
+    x = jnp.zeros((1, 4, 5, 6))
+    layer = LambdaLayer(dim_out=8, dim_k=4, heads=2, position="local", receptive_field=3)
+    with pytest.raises(ValueError, match=r"needs embeddings of shape \(3, 3, 4, 1\).*\(5, 5, 4, 1\)"):
+        layer.init(jax.random.key(0), x, embeddings=jnp.zeros((5, 5, 4, 1)))
+    with pytest.raises(ValueError, match="position='none' takes no embeddings"):
+        layer.clone(position="none").init(jax.random.key(0), x, embeddings=jnp.zeros((3, 3, 4, 1)))
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

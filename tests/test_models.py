@@ -315,8 +315,59 @@ def test_table4_rows_place_their_layers():
     assert global_attention["stage1_block1"]["attention2"]["row_embeddings"].shape == (111, 4)
     conv7 = _abstract_model("resnet50_lambda_conv7_table4")[1]["params"]
     assert conv7["stage3_block2"]["lambda2"]["local_embeddings"].shape == (7, 7, 16, 1)
+    shared = _abstract_model("resnet50_lambda_shared_embeddings_table4")[1]["params"]
+    assert shared["shared_embeddings1"]["local_embeddings"].shape == (23, 23, 16, 1)
+    assert "local_embeddings" not in shared["stage4_block3"]["lambda2"]
+    # One kernel for the 16 layers of Table 3's model.
+    assert _count("resnet50_lambda_shared_embeddings_table4") == (
+        _count("resnet50_lambda_table3") - 15 * 23 * 23 * 16)
     assert ARCHITECTURES["resnet50_lambda_k8_h4_u1"]["stage_slots"] == (
         LambdaSlot(dim_k=8, heads=4, dim_u=1, position="local", receptive_field=23),) * 4
+
+
+@pytest.mark.parametrize("position,tables", [("local", 1), ("global", 2)])
+def test_shared_embeddings_act_as_one_table_used_by_every_layer(position, tables):
+    def model(shared):
+        slot = LambdaSlot(dim_k=4, heads=2, position=position, receptive_field=3,
+                          shared_embeddings=shared)
+        return ResNet(num_classes=3, stage_depths=(2, 2), stage_widths=(8, 16),
+                      stage_strides=(1, 2), stage_slots=(slot, slot), stem="cifar",
+                      stem_width=8, zero_init_last_bn=False)
+
+    images = _images(4, 6)
+    shared = jax.jit(lambda x: model(True).init(_key(0), x))(images)
+    # Global tables are shared by the layers of one input size: 6x6 (the strided block's
+    # layer runs before its pool) and 3x3.
+    names = sorted(name for name in shared["params"] if name.startswith("shared_embeddings"))
+    assert len(names) == tables
+    table_name = "relative_embeddings" if position == "global" else "local_embeddings"
+    separate = jax.jit(lambda x: model(False).init(_key(0), x))(images)
+    # The separate model with every layer's table set to the shared one it corresponds to.
+    params = dict(shared["params"])
+    by_shape = {params.pop(name)[table_name].shape: name for name in names}
+    for block, layer in separate["params"].items():
+        if "lambda2" in layer:
+            table = shared["params"][by_shape[layer["lambda2"][table_name].shape]][table_name]
+            params[block] = {**params[block], "lambda2": {**params[block]["lambda2"],
+                                                          table_name: table}}
+
+    def loss(model, params, variables):
+        logits = model.apply({**variables, "params": params}, images)
+        return jnp.sum(jnp.sin(logits))
+
+    shared_grads = jax.grad(functools.partial(loss, model(True)))(shared["params"], shared)
+    separate_grads = jax.grad(functools.partial(loss, model(False)))(params, separate)
+    np.testing.assert_allclose(loss(model(True), shared["params"], shared),
+                               loss(model(False), params, separate), rtol=1e-5)
+    for name in names:
+        shape = shared["params"][name][table_name].shape
+        summed = sum(layer["lambda2"][table_name] for layer in separate_grads.values()
+                     if "lambda2" in layer and layer["lambda2"][table_name].shape == shape)
+        np.testing.assert_allclose(shared_grads[name][table_name], summed, rtol=1e-4, atol=1e-6)
+    if position == "global":
+        resized = lambda_jax.resize_relative_embeddings(shared, from_size=6, to_size=12)
+        assert resized["params"][names[0]][table_name].shape[:2] == (23, 23)
+        assert model(True).apply(resized, _images(2, 12)).shape == (2, 3)
 
 
 def test_augmented_conv_slot_depths():

@@ -20,6 +20,24 @@ IMPLEMENTATIONS = ("auto", "shift", "banded", "conv")
 # images and "conv" otherwise: measured on CPU by benchmarks/roofline.py (scope sweep).
 SHIFT_MAX_OFFSETS = 169
 STRIDE_POOLS = ("3x3", "2x2")
+# The parameter that holds the position embeddings of each position mode.
+EMBEDDING_NAMES = {"global": "relative_embeddings", "local": "local_embeddings"}
+
+
+def position_embedding_shape(
+    position: str, spatial: tuple[int, ...], dim_k: int, dim_u: int, receptive_field: int
+) -> Optional[tuple[int, ...]]:
+    """Shape of a lambda layer's position embeddings for inputs of spatial size ``spatial``.
+
+    ``[2*S_1-1, ..., 2*S_s-1, k, u]`` (the relative table) for ``position="global"``,
+    ``[r, ..., r, k, u]`` (the lambda convolution's kernel) for ``"local"``, ``None`` for
+    ``"none"``.
+    """
+    if position == "global":
+        return tuple(2 * size - 1 for size in spatial) + (dim_k, dim_u)
+    if position == "local":
+        return (receptive_field,) * len(spatial) + (dim_k, dim_u)
+    return None
 
 
 def _normal(stddev: float) -> nn.initializers.Initializer:
@@ -181,8 +199,27 @@ class LambdaLayer(nn.Module):
             return "shift"
         return "banded" if len(spatial) == 2 else "conv"
 
-    def _relative_table(self, spatial: tuple[int, ...]) -> jax.Array:
-        shape = tuple(2 * size - 1 for size in spatial) + (self.dim_k, self.dim_u)
+    def position_embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+        """The shape of the ``embeddings`` argument for inputs of spatial size ``spatial``
+        (see :func:`position_embedding_shape`)."""
+        return position_embedding_shape(
+            self.position, spatial, self.dim_k, self.dim_u, self.receptive_field)
+
+    def _position_embeddings(
+        self, spatial: tuple[int, ...], embeddings: Optional[jax.Array]
+    ) -> jax.Array:
+        """The given ``embeddings`` (checked) or the layer's own table or kernel parameter."""
+        shape = self.position_embedding_shape(spatial)
+        if embeddings is not None:
+            if tuple(embeddings.shape) != shape:
+                raise ValueError(
+                    f"LambdaLayer with position={self.position!r} on inputs of spatial size "
+                    f"{spatial} needs embeddings of shape {shape} (see "
+                    f"position_embedding_shape); got {tuple(embeddings.shape)}."
+                )
+            return embeddings
+        if self.position == "local":
+            return self.param(EMBEDDING_NAMES["local"], _normal(1.0), shape, self.param_dtype)
         if self.has_variable("params", "relative_embeddings"):
             built = self.get_variable("params", "relative_embeddings").shape
             if built != shape:
@@ -194,7 +231,7 @@ class LambdaLayer(nn.Module):
                     f"{built}. Resize it with lambda_jax.resize_relative_embeddings, or use "
                     "position='local'."
                 )
-        return self.param("relative_embeddings", _normal(1.0), shape, self.param_dtype)
+        return self.param(EMBEDDING_NAMES["global"], _normal(1.0), shape, self.param_dtype)
 
     def _norm(self, name: str, train: bool) -> nn.Module:
         if self.causal:
@@ -245,6 +282,7 @@ class LambdaLayer(nn.Module):
         context: Optional[jax.Array] = None,
         train: bool = False,
         decode_state: Optional[causal_lib.DecodeState] = None,
+        embeddings: Optional[jax.Array] = None,
     ):
         """Applies the layer.
 
@@ -256,6 +294,11 @@ class LambdaLayer(nn.Module):
           train: batch norm uses batch statistics (and updates ``batch_stats``) when True.
           decode_state: for a causal layer, the state from ``init_decode_state`` or from the
             previous step; ``x`` is then one position ``[batch, 1, channels]``.
+          embeddings: position embeddings to use instead of the layer's own parameter, of
+            shape ``position_embedding_shape(spatial)``: the relative table
+            ``[2*S_1-1, ..., k, u]`` (``"global"``) or the kernel ``[r, ..., r, k, u]``
+            (``"local"``). With them the layer creates no embedding parameter, so several
+            layers can share one table (the paper's "shared embeddings", Table 4).
 
         Returns:
           ``[batch, *spatial, dim_out]`` (each spatial size halved when ``stride=2``);
@@ -307,14 +350,14 @@ class LambdaLayer(nn.Module):
         values = jnp.swapaxes(values, -1, -2)  # [batch, *context_spatial, v, u]
         flat_values = values.reshape(batch, m, v, u)
 
+        if embeddings is not None and self.position == "none":
+            raise ValueError(
+                "LambdaLayer with position='none' takes no embeddings; set position='global' "
+                "or 'local', or leave embeddings out."
+            )
         kernel = None
         if self.position == "local":
-            kernel = self.param(
-                "local_embeddings",
-                _normal(1.0),
-                (self.receptive_field,) * len(spatial) + (k, u),
-                self.param_dtype,
-            )
+            kernel = self._position_embeddings(spatial, embeddings)
 
         local = None  # the non-causal local formulation, resolved from "auto"
         if decode_state is not None:
@@ -337,7 +380,7 @@ class LambdaLayer(nn.Module):
             if kernel is not None:
                 local = self._local_implementation(spatial)
             if self.position == "global":
-                table = self._relative_table(spatial)
+                table = self._position_embeddings(spatial, embeddings)
                 lambdas = lambdas + position_lib.global_position_lambdas(values, table)
             elif local == "conv":
                 lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
@@ -372,4 +415,37 @@ class LambdaLayer(nn.Module):
             return nn.avg_pool(out, (2,) * s, strides=(2,) * s, padding="VALID")
         return nn.avg_pool(
             out, (3,) * s, strides=(2,) * s, padding="SAME", count_include_pad=False
+        )
+
+
+class SharedPositionEmbeddings(nn.Module):
+    """Position embeddings held apart from any layer, for lambda layers that share them.
+
+    Calling it returns one parameter, initialised ``N(0, 1)`` like a layer's own and named
+    like it (so :func:`lambda_jax.resize_relative_embeddings` finds global tables): the
+    relative table ``relative_embeddings`` ``[2*S_1-1, ..., 2*S_s-1, k, u]`` for
+    ``position="global"``, the kernel ``local_embeddings`` ``[r, ..., r, k, u]`` for
+    ``"local"``. Pass it as ``embeddings=`` to every :class:`LambdaLayer` that shares it; its
+    shape is their ``position_embedding_shape``.
+
+    Attributes:
+      shape: the embeddings' shape.
+      position: ``"global"`` or ``"local"``.
+      param_dtype: parameter dtype.
+    """
+
+    shape: tuple[int, ...]
+    position: str = "local"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        """The embeddings: ``shape``."""
+        if self.position not in EMBEDDING_NAMES:
+            raise ValueError(
+                f"SharedPositionEmbeddings.position must be one of {tuple(EMBEDDING_NAMES)}, "
+                f"got {self.position!r}."
+            )
+        return self.param(
+            EMBEDDING_NAMES[self.position], _normal(1.0), tuple(self.shape), self.param_dtype
         )

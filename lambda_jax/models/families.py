@@ -46,7 +46,8 @@ and ``resnet50_local_attention_table3``, 'lambda layer, k=8' is the ablation row
 ``resnet50_global_attention_table4`` and ``resnet50_axial_attention_table4`` (Ho et al. 2019,
 arXiv 1912.12180; Wang et al. 2020, arXiv 2003.07853: a height pass then a width pass of
 multi-head attention with relative logits, each global along its axis; 8 heads as in the
-other attention rows).
+other attention rows) and ``resnet50_lambda_shared_embeddings_table4`` (Table 3's lambda
+layers all using one position kernel held by the model: 15.0M less 15 kernels of 23*23*16).
 
 **The ablation table over k, h and u** (ResNet-50 with a lambda layer in every slot, 15
 rows): ``resnet50_lambda_k{k}_h{h}_u{u}``. The rows' scopes are not printed; the u=1 rows use
@@ -72,6 +73,7 @@ pass ``drop_path_rate`` and ``dropout_rate`` to :func:`lambda_jax.create_model`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -206,6 +208,14 @@ _register(
     "k=16, h=4, u=1 with a 7x7 lambda convolution.",
     224,
     stage_slots=(LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=7),) * 4,
+)
+_register(
+    "resnet50_lambda_shared_embeddings_table4",
+    "ResNet-50 with a lambda layer in every 3x3 slot, Table 4 row 'lambda layer, shared "
+    "embeddings': Table 3's layers (k=16, h=4, u=1, 23x23 lambda convolution) all using one "
+    "23x23 position kernel.",
+    224,
+    stage_slots=(dataclasses.replace(TABLE3_LAMBDA, shared_embeddings=True),) * 4,
 )
 _register(
     "resnet50_global_attention_table4",

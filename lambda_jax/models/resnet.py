@@ -47,7 +47,11 @@ from lambda_jax.layers.attention import (
     AxialSelfAttention,
     RelativeSelfAttention,
 )
-from lambda_jax.layers.lambda_layer import LambdaLayer
+from lambda_jax.layers.lambda_layer import (
+    LambdaLayer,
+    SharedPositionEmbeddings,
+    position_embedding_shape,
+)
 from lambda_jax.layers.norm import batch_norm
 from lambda_jax.layers.san import PatchwiseSelfAttention
 
@@ -65,6 +69,11 @@ class LambdaSlot:
 
     The defaults are the paper's main setting: k=16, h=4, u=1 with a 23x23 lambda
     convolution (the all-lambda ResNet-50 of Table 3, 15.0M parameters).
+
+    ``shared_embeddings=True``: the layer uses position embeddings that the
+    :class:`ResNet` holds once for all such slots with embeddings of the same shape (for a
+    local scope: every layer with the same r, k and u; for a global one: every layer at the
+    same input size), the "shared embeddings" of the paper's Table 4.
     """
 
     dim_k: int = 16
@@ -72,6 +81,12 @@ class LambdaSlot:
     dim_u: int = 1
     position: str = "local"
     receptive_field: int = 23
+    shared_embeddings: bool = False
+
+    def embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+        """The layer's position-embedding shape for a slot input of spatial size ``spatial``."""
+        return position_embedding_shape(
+            self.position, tuple(spatial), self.dim_k, self.dim_u, self.receptive_field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +322,9 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def _spatial(self, y: jax.Array, train: bool) -> jax.Array:
+    def _spatial(
+        self, y: jax.Array, train: bool, position_embeddings: Optional[jax.Array]
+    ) -> jax.Array:
         slot = self.slot
         if isinstance(slot, ConvSlot):
             return _conv(self, self.width, slot.kernel_size, self.stride, "conv2")(y)
@@ -338,7 +355,7 @@ class Bottleneck(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="lambda2",
-            )(y, train=train)
+            )(y, train=train, embeddings=position_embeddings)
         elif isinstance(slot, AxialAttentionSlot):
             y = AxialSelfAttention(
                 dim_out=self.width,
@@ -380,11 +397,25 @@ class Bottleneck(nn.Module):
         return y
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """``x``: ``[batch, H, W, C]`` -> ``[batch, H/stride, W/stride, width * expansion]``."""
+    def __call__(
+        self, x: jax.Array, train: bool = False, position_embeddings: Optional[jax.Array] = None
+    ) -> jax.Array:
+        """Applies the block.
+
+        Args:
+          x: ``[batch, H, W, C]``.
+          train: batch statistics and stochastic depth when True.
+          position_embeddings: for a lambda slot, embeddings shared with other layers, of
+            shape ``slot.embedding_shape((H, W))``; ``None``: its own.
+
+        Returns:
+          ``[batch, H/stride, W/stride, width * expansion]``.
+        """
         out_features = self.width * self.expansion
         y = nn.relu(batch_norm(self, train, "bn1")(_conv(self, self.width, 1, 1, "conv1")(x)))
-        y = nn.relu(batch_norm(self, train, "bn2")(self._spatial(y, train)))
+        y = nn.relu(
+            batch_norm(self, train, "bn2")(self._spatial(y, train, position_embeddings))
+        )
         y = _conv(self, out_features, 1, 1, "conv3")(y)
         y = batch_norm(self, train, "bn3", zero_scale=self.zero_init_last_bn)(y)
         if self.se_ratio > 0:
@@ -512,12 +543,13 @@ class ResNet(nn.Module):
         chex.assert_rank(images, 4)
         x = self._stem(images.astype(self.dtype), train)
         num_stages = len(self.stage_depths)
+        shared = {}  # (position, shape) -> embeddings of the slots with shared_embeddings
         for stage, (width, stride, stage_slots) in enumerate(
             zip(self.stage_widths, self.stage_strides, slots)
         ):
             drop_path_rate = self.drop_path_rate * (stage + 2) / (num_stages + 1)
             for index, slot in enumerate(stage_slots):
-                x = Bottleneck(
+                block = Bottleneck(
                     width=width,
                     slot=slot,
                     stride=stride if index == 0 else 1,
@@ -532,7 +564,17 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"stage{stage + 1}_block{index + 1}",
-                )(x, train=train)
+                )
+                embeddings = None
+                if isinstance(slot, LambdaSlot) and slot.shared_embeddings:
+                    shape = slot.embedding_shape(x.shape[1:3])
+                    if (slot.position, shape) not in shared:
+                        shared[slot.position, shape] = SharedPositionEmbeddings(
+                            shape, slot.position, self.param_dtype,
+                            name=f"shared_embeddings{len(shared) + 1}",
+                        )()
+                    embeddings = shared[slot.position, shape]
+                x = block(x, train=train, position_embeddings=embeddings)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, name="head_dropout")(x, deterministic=not train)
         return classifier_logits(self, x)
