@@ -76,18 +76,21 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
     return rows
 
 
-def scope_sweep_rows(batch, size, channels, dim_k, heads, receptive_fields, runs,
-                     shift_max=17):
-    """Layer forward and forward+backward per local implementation as the scope r grows:
-    where ``implementation="auto"`` switches from "shift" to "banded"."""
+def scope_sweep_rows(batch, size, channels, dim_k, heads, scopes, runs, shift_max=289):
+    """Layer forward and forward+backward per local implementation as the scope r and the
+    intra-depth u grow (``scopes``: ``(r, u)`` pairs): where ``implementation="auto"``
+    switches from "shift" to "banded". "shift" runs while ``r * r * u <= shift_max`` (its
+    compile time grows with the terms it unrolls)."""
     rows = []
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
-    for r in receptive_fields:
-        implementations = ["shift", "banded", "conv"] if r <= shift_max else ["banded", "conv"]
+    for r, u in scopes:
+        implementations = ["banded", "conv"]
+        if r * r * u <= shift_max:
+            implementations.insert(0, "shift")
         compiled = {}
         for impl in implementations:
             apply, params = baselines.init_lambda_layer(
-                jax.random.key(1), x, dim_out=channels, dim_k=dim_k, heads=heads,
+                jax.random.key(1), x, dim_out=channels, dim_k=dim_k, heads=heads, dim_u=u,
                 position="local", receptive_field=r, implementation=impl)
             compiled[impl, "forward"] = common.compile_case(apply, params, x)
             compiled[impl, "train"] = common.compile_case(baselines.training_step(apply),
@@ -95,7 +98,7 @@ def scope_sweep_rows(batch, size, channels, dim_k, heads, receptive_fields, runs
         seconds = common.time_interleaved(
             {key: case["run"] for key, case in compiled.items()}, runs)
         for impl in implementations:
-            rows.append({"r": r, "implementation": impl,
+            rows.append({"r": r, "u": u, "implementation": impl,
                          "forward_ms": 1e3 * seconds[impl, "forward"],
                          "train_ms": 1e3 * seconds[impl, "train"],
                          "train_memory_mb": compiled[impl, "train"]["memory_bytes"] / 2**20})
@@ -154,13 +157,14 @@ def main():
         batch, size, channels, runs = 2, 8, 16, 1
         cases = [("global", "global", None), ("local r=3", "local", 3), ("content only", "none", None)]
         receptive_fields = [3]
-        sweep = [3, 5]
+        sweep = [(3, 1), (5, 1), (3, 2)]
     else:
         batch, size, channels, runs = 8, 32, 128, args.runs
         cases = [("global", "global", None), ("local r=9", "local", 9),
                  ("local r=23", "local", 23), ("content only", "none", None)]
         receptive_fields = [9]
-        sweep = [5, 9, 13, 17, 23]
+        sweep = [(5, 1), (9, 1), (13, 1), (17, 1), (23, 1), (3, 4), (5, 2), (9, 2), (5, 4),
+                 (7, 4)]
     dim_k, heads = 16, 4
     matmul = common.matmul_case(256 if args.smoke else 2048)
     layers = layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul)
@@ -174,7 +178,7 @@ def main():
     common.print_table(terms, ["r", "formulation", "forward_ms", "forward_gflop",
                                "train_ms", "train_gflop", "train_memory_mb"])
     print()
-    common.print_table(scopes, ["r", "implementation", "forward_ms", "train_ms",
+    common.print_table(scopes, ["r", "u", "implementation", "forward_ms", "train_ms",
                                 "train_memory_mb"])
     settings = dict(batch=batch, size=size, channels=channels, dim_k=dim_k, heads=heads,
                     runs=runs)

@@ -106,12 +106,14 @@ def _implementation_used(layer, x):
     return next((name for name, found in used.items() if found), "banded")
 
 
-@pytest.mark.parametrize("receptive_field, rank, expected", [
-    (13, 2, "shift"), (15, 2, "banded"), (31, 1, "shift"), (7, 3, "conv"), (5, 3, "shift"),
+@pytest.mark.parametrize("receptive_field, rank, dim_u, expected", [
+    (13, 2, 1, "shift"), (15, 2, 1, "banded"), (31, 1, 1, "shift"), (7, 3, 1, "conv"),
+    (5, 3, 1, "shift"), (5, 2, 4, "shift"), (7, 2, 4, "banded"), (9, 2, 2, "shift"),
+    (31, 1, 8, "conv"),
 ])
-def test_auto_implementation_picks_by_the_number_of_kernel_offsets(receptive_field, rank,
-                                                                  expected):
-    layer = LambdaLayer(dim_out=4, dim_k=2, heads=2, position="local",
+def test_auto_implementation_picks_by_kernel_offsets_times_u(receptive_field, rank, dim_u,
+                                                             expected):
+    layer = LambdaLayer(dim_out=4, dim_k=2, heads=2, dim_u=dim_u, position="local",
                         receptive_field=receptive_field)
     x = jnp.zeros((1,) + (3,) * rank + (4,))
     assert _implementation_used(layer, x) == expected

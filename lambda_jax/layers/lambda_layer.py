@@ -16,8 +16,10 @@ from lambda_jax.layers.norm import batch_norm
 
 POSITIONS = ("global", "local", "none")
 IMPLEMENTATIONS = ("auto", "shift", "banded", "conv")
-# "auto" uses "shift" up to this many kernel offsets (13x13 in 2-D), above it "banded" for
-# images and "conv" otherwise: measured on CPU by benchmarks/roofline.py (scope sweep).
+# "auto" uses "shift" up to this many kernel offsets times u (13x13 in 2-D with u = 1, 5x5
+# with u = 4), above it "banded" for images and "conv" otherwise: measured on CPU by
+# benchmarks/roofline.py (scope sweep). The shifted sums unroll one term per offset, u and
+# head, so compile time grows with them too.
 SHIFT_MAX_OFFSETS = 169
 STRIDE_POOLS = ("3x3", "2x2")
 # The parameter that holds the position embeddings of each position mode.
@@ -91,8 +93,9 @@ class LambdaLayer(nn.Module):
         small scopes); ``"banded"`` (images only) computes the lambda convolution as one
         matrix product with banded kernel matrices (fastest for large scopes); ``"conv"`` is
         the paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (the
-        reference); ``"auto"`` takes ``"shift"`` while ``r ** rank <= 169`` (r <= 13 for
-        images), else ``"banded"`` for images and ``"conv"`` for sequences and volumes.
+        reference); ``"auto"`` takes ``"shift"`` while ``r ** rank * u <= 169`` (r <= 13
+        for images with u = 1, r <= 5 with u = 4), else ``"banded"`` for images and
+        ``"conv"`` for sequences and volumes.
       use_batchnorm: normalise queries and values: batch norm, or layer norm over the
         channels of each position when ``causal`` (batch statistics over positions would
         leak the future into the past during training).
@@ -195,7 +198,7 @@ class LambdaLayer(nn.Module):
         """``"shift"`` or ``"conv"``: the ``implementation`` with ``"auto"`` resolved."""
         if self.implementation != "auto":
             return self.implementation
-        if self.receptive_field ** len(spatial) <= SHIFT_MAX_OFFSETS:
+        if self.receptive_field ** len(spatial) * self.dim_u <= SHIFT_MAX_OFFSETS:
             return "shift"
         return "banded" if len(spatial) == 2 else "conv"
 

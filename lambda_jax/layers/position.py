@@ -314,10 +314,15 @@ def _shift_output_bwd(residuals, grad):
     offset_kernel = _offset_kernel(kernel, offsets)
 
     padded_values = _pad_spatial(values, c, 1, s)
+    # One product-and-sum over v per (offset, u): as one einsum over u, XLA's CPU backend
+    # makes it a batched matmul of [h, v] x [v, u] per position, 1.5x slower with u = 1 and
+    # 5x with u = 2 (benchmarks/roofline.py, scope table).
     grad_weights = jnp.stack(
         [
-            jnp.einsum("...hv,...vu->u...h", grad, _shifted(padded_values, start, spatial, 1))
-            for _, start in offsets
+            jnp.stack([
+                jnp.einsum("...hv,...v->...h", grad, window[..., j]) for j in range(depth_u)
+            ])
+            for window in (_shifted(padded_values, start, spatial, 1) for _, start in offsets)
         ]
     )  # [offsets, u, batch, *spatial, h]
     grad_queries = jnp.einsum("ou...h,oku->...hk", grad_weights, offset_kernel)
