@@ -195,7 +195,8 @@ class LambdaLayer(nn.Module):
             )
 
     def _local_implementation(self, spatial: tuple[int, ...]) -> str:
-        """``"shift"`` or ``"conv"``: the ``implementation`` with ``"auto"`` resolved."""
+        """``"shift"``, ``"banded"`` or ``"conv"``: the ``implementation`` with ``"auto"``
+        resolved."""
         if self.implementation != "auto":
             return self.implementation
         if self.receptive_field ** len(spatial) * self.dim_u <= SHIFT_MAX_OFFSETS:
@@ -223,8 +224,8 @@ class LambdaLayer(nn.Module):
             return embeddings
         if self.position == "local":
             return self.param(EMBEDDING_NAMES["local"], _normal(1.0), shape, self.param_dtype)
-        if self.has_variable("params", "relative_embeddings"):
-            built = self.get_variable("params", "relative_embeddings").shape
+        if self.has_variable("params", EMBEDDING_NAMES["global"]):
+            built = self.get_variable("params", EMBEDDING_NAMES["global"]).shape
             if built != shape:
                 built_size = tuple((size + 1) // 2 for size in built[: len(spatial)])
                 raise ValueError(
