@@ -304,9 +304,10 @@ def test_works_inside_a_users_flax_model():
         return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), updates
 
     params, stats = variables["params"], variables["batch_stats"]
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     first = None
     for _ in range(30):
-        (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, stats)
+        (value, updates), grads = step(params, stats)
         first = value if first is None else first
         params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
         stats = updates["batch_stats"]
