@@ -254,7 +254,8 @@ def test_given_embeddings_replace_the_layers_own(position, shape):
 def test_embeddings_of_the_wrong_shape_or_mode_raise():
     x = jnp.zeros((1, 4, 5, 6))
     layer = LambdaLayer(dim_out=8, dim_k=4, heads=2, position="local", receptive_field=3)
-    with pytest.raises(ValueError, match=r"needs embeddings of shape \(3, 3, 4, 1\).*\(5, 5, 4, 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"needs embeddings of shape \(3, 3, 4, 1\).*\(5, 5, 4, 1\)"):
         layer.init(jax.random.key(0), x, embeddings=jnp.zeros((5, 5, 4, 1)))
     with pytest.raises(ValueError, match="position='none' takes no embeddings"):
         layer.clone(position="none").init(jax.random.key(0), x, embeddings=jnp.zeros((3, 3, 4, 1)))

@@ -15,9 +15,10 @@ chooses what sits in the 3x3 slot of each bottleneck block:
 * :class:`SANSlot` - SAN's patchwise self-attention
   (:class:`~lambda_jax.layers.san.PatchwiseSelfAttention`, Zhao et al. 2020).
 
-A stride-2 block whose slot is a lambda layer, attention (global, local or axial) or SAN applies the layer at full
-resolution and then a 3x3 average pool with stride 2 ("3x3 average-pooling with stride 2
-after the lambda layers ... in place of the strided convolution", the paper's appendix). An
+A stride-2 block whose slot is a lambda layer, attention (global, local or axial) or SAN
+applies the layer at full resolution and then a 3x3 average pool with stride 2 ("3x3
+average-pooling with stride 2 after the lambda layers ... in place of the strided
+convolution", the paper's appendix). An
 attention-augmented convolution strides its convolution and attends over its input
 average-pooled 3x3 with stride 2.
 
@@ -210,7 +211,8 @@ def resolve_stage_slots(
         with one slot per block. A slot is a :class:`ConvSlot`, :class:`LambdaSlot`,
         :class:`AttentionSlot`, :class:`AxialAttentionSlot`, :class:`AugmentedConvSlot` or
         :class:`SANSlot`, its name (``"conv"``, ``"lambda"``, ``"attention"``,
-        ``"axial_attention"``, ``"augmented_conv"``, ``"san"``: default settings) or a mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
+        ``"axial_attention"``, ``"augmented_conv"``, ``"san"``: default settings) or a
+        mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
       stage_depths: number of blocks per stage.
 
     Returns:
