@@ -209,7 +209,7 @@ _register(
     "ResNet-50 with a lambda layer in every 3x3 slot, Table 4 row 'lambda convolution 7x7': "
     "k=16, h=4, u=1 with a 7x7 lambda convolution.",
     224,
-    stage_slots=(LambdaSlot(dim_k=16, heads=4, dim_u=1, position="local", receptive_field=7),) * 4,
+    stage_slots=(dataclasses.replace(TABLE3_LAMBDA, receptive_field=7),) * 4,
 )
 _register(
     "resnet50_lambda_shared_embeddings_table4",
