@@ -1,8 +1,8 @@
 """Whole models: training and inference examples/s, memory and FLOPs at 128 and 224 pixels.
 
 ResNet-50 (the convolution baseline), the paper's ResNet-50 with lambda layers (Table 3),
-LambdaResNet-50 (ResNet-RS body), and ResNet-50 with local (7x7) and with global relative
-self-attention, at a fixed batch. Inference is the jitted forward in eval mode; training is
+LambdaResNet-50 (ResNet-RS body), and ResNet-50 with local (7x7), global and axial relative
+self-attention (Table 4), at a fixed batch. Inference is the jitted forward in eval mode; training is
 one jitted step: forward with batch statistics, softmax cross entropy, gradients of the
 parameters and an SGD-momentum update (no buffer donation, so memory counts the parameters
 and momentum as arguments and again as outputs). Memory is XLA's compiled memory analysis
@@ -29,7 +29,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from lambda_jax import create_model  # noqa: E402
-from lambda_jax.models.resnet import AttentionSlot  # noqa: E402
+from lambda_jax.models.resnet import AttentionSlot, AxialAttentionSlot  # noqa: E402
 from lambda_jax.train.optim import cross_entropy_loss  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -58,10 +58,13 @@ MODELS = (
               "resnet50_local_attention_table3"),
     ModelSpec("global_attention", "ResNet-50, global self-attention",
               "resnet50_global_attention_table4"),
+    ModelSpec("axial_attention", "ResNet-50, axial self-attention",
+              "resnet50_axial_attention_table4"),
 )
 # The same kinds of model at a size that compiles in seconds: one block per stage.
 _TINY_LOCAL = AttentionSlot(heads=4, window=3)
 _TINY_GLOBAL = AttentionSlot(heads=4, window=None)
+_TINY_AXIAL = AxialAttentionSlot(heads=4)
 SMOKE_MODELS = (
     ModelSpec("resnet50", "tiny convolution", "lambda_resnet_tiny",
               (("stage_slots", ("conv",) * 4),)),
@@ -70,6 +73,8 @@ SMOKE_MODELS = (
               (("stage_slots", ("conv", "conv", _TINY_LOCAL, _TINY_LOCAL)),)),
     ModelSpec("global_attention", "tiny global self-attention", "lambda_resnet_tiny",
               (("stage_slots", ("conv", _TINY_GLOBAL, _TINY_GLOBAL, _TINY_GLOBAL)),)),
+    ModelSpec("axial_attention", "tiny axial self-attention", "lambda_resnet_tiny",
+              (("stage_slots", ("conv", _TINY_AXIAL, _TINY_AXIAL, _TINY_AXIAL)),)),
 )
 MODES = ("inference", "train")
 
