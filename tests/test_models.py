@@ -49,7 +49,8 @@ PAPER_PARAMETER_COUNTS = [
     ("resnet50_placement_clll", 15.1),
     ("resnet50_placement_ccll", 15.4),
     ("resnet50_placement_cccl", 18.8),
-    # The ablation table over k, h and u: (k, h, u) -> millions, all but k=8, h=16, u=1.
+    # The ablation table over k, h and u: (k, h, u) -> millions, all but k=8, h=16, u=1
+    # (the paper's counts as leaderj1001/LambdaNetworks' README lists them).
     *[(f"resnet50_lambda_k{k}_h{h}_u{u}", millions) for (k, h, u), millions in {
         (8, 2, 1): 14.8, (2, 4, 1): 14.7, (4, 4, 1): 14.7, (8, 4, 1): 14.8, (16, 4, 1): 15.0,
         (32, 4, 1): 15.4, (2, 8, 1): 14.7, (4, 8, 1): 14.7, (8, 8, 1): 14.7, (16, 8, 1): 15.1,

@@ -54,8 +54,9 @@ layers all using one position kernel held by the model: 15.0M less 15 kernels of
 **The ablation table over k, h and u** (ResNet-50 with a lambda layer in every slot, 15
 rows): ``resnet50_lambda_k{k}_h{h}_u{u}``. The rows' scopes are not printed; the u=1 rows use
 Table 3's 23x23 lambda convolution and the u>1 rows the 7x7 one of its 'lambda layer, u=4'
-row. The printed counts (read from the paper's table; leaderj1001/LambdaNetworks' README
-transcribes the same numbers) are then matched within 2% by every row but k=8, h=16, u=1:
+row. The paper's counts (as leaderj1001/LambdaNetworks' README lists them from the paper's
+table; the table itself was not in the material we could read) are then matched within 2%
+by every row but k=8, h=16, u=1:
 14.90M here against 15.6M printed. More heads lower the count at these widths (the values'
 depth v = d/h shrinks faster than the queries' k*h grow: the paper's own k=8 rows go from
 14.8M at h=4 to 14.7M at h=8), so h=16 adds only 0.16M to h=8; no scope, u or projection
