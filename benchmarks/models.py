@@ -2,9 +2,9 @@
 
 ResNet-50 (the convolution baseline), the paper's ResNet-50 with lambda layers (Table 3),
 LambdaResNet-50 (ResNet-RS body), and ResNet-50 with local (7x7), global and axial relative
-self-attention (Table 4), at a fixed batch. Inference is the jitted forward in eval mode; training is
-one jitted step: forward with batch statistics, softmax cross entropy, gradients of the
-parameters and an SGD-momentum update (no buffer donation, so memory counts the parameters
+self-attention (Table 4), at a fixed batch. Inference is the jitted forward in eval mode;
+training is one jitted step: forward with batch statistics, softmax cross entropy, gradients
+of the parameters and an SGD-momentum update (no buffer donation, so memory counts the parameters
 and momentum as arguments and again as outputs). Memory is XLA's compiled memory analysis
 and FLOPs its cost analysis; a case whose compiled memory passes the budget is reported
 but not run. The cases of all models at one image size are timed taking turns, so their

@@ -315,8 +315,8 @@ def _shift_output_bwd(residuals, grad):
 
     padded_values = _pad_spatial(values, c, 1, s)
     # One product-and-sum over v per (offset, u): as one einsum over u, XLA's CPU backend
-    # makes it a batched matmul of [h, v] x [v, u] per position, 1.5x slower with u = 1 and
-    # 5x with u = 2 (benchmarks/roofline.py, scope table).
+    # makes it a batched matmul of [h, v] x [v, u] per position, 5x slower with u = 2 (as
+    # fast with u = 1; benchmarks/roofline.py, scope table).
     grad_weights = jnp.stack(
         [
             jnp.stack([
