@@ -11,16 +11,12 @@ import jax
 import jax.numpy as jnp
 
 from lambda_jax.layers import causal as causal_lib
+from lambda_jax.layers import pooling
 from lambda_jax.layers import position as position_lib
 from lambda_jax.layers.norm import batch_norm
 
 POSITIONS = ("global", "local", "none")
-IMPLEMENTATIONS = ("auto", "shift", "banded", "conv")
-# "auto" uses "shift" up to this many kernel offsets times u (13x13 in 2-D with u = 1, 5x5
-# with u = 4), above it "banded" for images and "conv" otherwise: measured on CPU by
-# benchmarks/roofline.py (scope sweep). The shifted sums unroll one term per offset, u and
-# head, so compile time grows with them too.
-SHIFT_MAX_OFFSETS = 169
+IMPLEMENTATIONS = position_lib.IMPLEMENTATIONS
 STRIDE_POOLS = ("3x3", "2x2")
 # The parameter that holds the position embeddings of each position mode.
 EMBEDDING_NAMES = {"global": "relative_embeddings", "local": "local_embeddings"}
@@ -195,13 +191,10 @@ class LambdaLayer(nn.Module):
             )
 
     def _local_implementation(self, spatial: tuple[int, ...]) -> str:
-        """``"shift"``, ``"banded"`` or ``"conv"``: the ``implementation`` with ``"auto"``
-        resolved."""
-        if self.implementation != "auto":
-            return self.implementation
-        if self.receptive_field ** len(spatial) * self.dim_u <= SHIFT_MAX_OFFSETS:
-            return "shift"
-        return "banded" if len(spatial) == 2 else "conv"
+        """The local formulation, ``implementation`` with ``"auto"`` resolved (see
+        :func:`lambda_jax.layers.position.resolve_local_implementation`)."""
+        return position_lib.resolve_local_implementation(
+            self.implementation, spatial, self.receptive_field, self.dim_u)
 
     def position_embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
         """The shape of the ``embeddings`` argument for inputs of spatial size ``spatial``
@@ -386,10 +379,8 @@ class LambdaLayer(nn.Module):
             if self.position == "global":
                 table = self._position_embeddings(spatial, embeddings)
                 lambdas = lambdas + position_lib.global_position_lambdas(values, table)
-            elif local == "conv":
-                lambdas = lambdas + position_lib.lambda_convolution(values, kernel)
-            elif local == "banded":
-                lambdas = lambdas + position_lib.banded_lambda_convolution(values, kernel)
+            elif local in position_lib.LAMBDA_IMPLEMENTATIONS:
+                lambdas = lambdas + position_lib.local_position_lambdas(values, kernel, local)
         if self.position_bias:
             bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
             lambdas = lambdas + bias[:, None].astype(lambdas.dtype)
@@ -400,9 +391,9 @@ class LambdaLayer(nn.Module):
             lambdas.astype(compute_dtype),
             preferred_element_type=accumulate,
         ).reshape(batch, *spatial, h * v)
-        if local == "shift":
+        if local in position_lib.OUTPUT_IMPLEMENTATIONS:
             out = out + position_lib.local_position_output(
-                queries.reshape(batch, *spatial, h, k), values, kernel
+                queries.reshape(batch, *spatial, h, k), values, kernel, local
             )
         out = out.astype(compute_dtype)
         chex.assert_shape(out, (batch, *spatial, self.dim_out))
@@ -414,12 +405,9 @@ class LambdaLayer(nn.Module):
 
     def _pool(self, out: jax.Array) -> jax.Array:
         """Average-pools ``[batch, *spatial, dim_out]`` with stride 2 on every spatial axis."""
-        s = out.ndim - 2
         if self.stride_pool == "2x2":
-            return nn.avg_pool(out, (2,) * s, strides=(2,) * s, padding="VALID")
-        return nn.avg_pool(
-            out, (3,) * s, strides=(2,) * s, padding="SAME", count_include_pad=False
-        )
+            return pooling.average_pool(out, 2, 2, "valid")
+        return pooling.average_pool(out, 3, 2, "same")
 
 
 class SharedPositionEmbeddings(nn.Module):

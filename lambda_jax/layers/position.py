@@ -352,7 +352,7 @@ def _shift_output_bwd(residuals, grad):
 _shift_output_vjp.defvjp(_shift_output_fwd, _shift_output_bwd)
 
 
-def local_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array) -> jax.Array:
+def shifted_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array) -> jax.Array:
     """The queries applied to the lambda convolution's position lambdas, ``Σ_k q λp``.
 
     Equal to ``einsum("bnhk,bnkv->bnhv", queries, lambda_convolution(values, kernel))`` with
@@ -381,3 +381,78 @@ def local_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Arr
     )
     chex.assert_shape(out, (batch, *spatial, queries.shape[-2] * depth_v))
     return out
+
+
+# Formulations of the local position term. Those in LAMBDA_IMPLEMENTATIONS build the
+# position lambdas [batch, n, k, v]; those in OUTPUT_IMPLEMENTATIONS go straight to the
+# output [batch, *spatial, h*v]. All give equal values and gradients.
+LAMBDA_IMPLEMENTATIONS = ("conv", "banded")
+OUTPUT_IMPLEMENTATIONS = ("shift",)
+IMPLEMENTATIONS = ("auto",) + LAMBDA_IMPLEMENTATIONS + OUTPUT_IMPLEMENTATIONS
+# "auto" uses "shift" up to this many kernel offsets times u (13x13 in 2-D with u = 1, 5x5
+# with u = 4), above it "banded" for images and "conv" otherwise: measured on CPU by
+# benchmarks/roofline.py (scope sweep). The shifted sums unroll one term per offset, u and
+# head, so compile time grows with them too.
+SHIFT_MAX_OFFSETS = 169
+
+
+def resolve_local_implementation(
+    implementation: str, spatial: Sequence[int], receptive_field: int, dim_u: int
+) -> str:
+    """The formulation that computes a local layer: ``implementation`` with ``"auto"``
+    resolved for inputs of spatial size ``spatial`` (1 to 3 axes) and an r^s x u kernel."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+        )
+    if implementation != "auto":
+        return implementation
+    if receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_OFFSETS:
+        return "shift"
+    return "banded" if len(spatial) == 2 else "conv"
+
+
+def local_position_lambdas(
+    values: jax.Array, kernel: jax.Array, implementation: str = "conv"
+) -> jax.Array:
+    """The local position lambdas by a formulation of ``LAMBDA_IMPLEMENTATIONS``.
+
+    Args:
+      values: ``[batch, *spatial, v, u]``.
+      kernel: ``[r, ..., r, k, u]``.
+      implementation: ``"conv"`` (the reference) or ``"banded"`` (images only).
+
+    Returns:
+      ``[batch, n, k, v]``.
+    """
+    if implementation == "conv":
+        return lambda_convolution(values, kernel)
+    if implementation == "banded":
+        return banded_lambda_convolution(values, kernel)
+    raise ValueError(
+        f"implementation must be one of {LAMBDA_IMPLEMENTATIONS} to build position lambdas, "
+        f"got {implementation!r}."
+    )
+
+
+def local_position_output(
+    queries: jax.Array, values: jax.Array, kernel: jax.Array, implementation: str = "shift"
+) -> jax.Array:
+    """The local position term of the output, ``Σ_k q λp``, by a formulation of
+    ``OUTPUT_IMPLEMENTATIONS``.
+
+    Args:
+      queries: ``[batch, *spatial, h, k]``.
+      values: ``[batch, *spatial, v, u]``.
+      kernel: ``[r, ..., r, k, u]``.
+      implementation: ``"shift"``.
+
+    Returns:
+      ``[batch, *spatial, h*v]`` (head-major) in ``accumulation_dtype(values.dtype)``.
+    """
+    if implementation == "shift":
+        return shifted_position_output(queries, values, kernel)
+    raise ValueError(
+        f"implementation must be one of {OUTPUT_IMPLEMENTATIONS} for the output term, "
+        f"got {implementation!r}."
+    )

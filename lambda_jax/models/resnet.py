@@ -53,6 +53,7 @@ from lambda_jax.layers.lambda_layer import (
     SharedPositionEmbeddings,
     position_embedding_shape,
 )
+from lambda_jax.layers import pooling
 from lambda_jax.layers.norm import batch_norm
 from lambda_jax.layers.san import PatchwiseSelfAttention
 
@@ -389,13 +390,7 @@ class Bottleneck(nn.Module):
                 name="attention2",
             )(y)
         if self.stride > 1:
-            y = nn.avg_pool(
-                y,
-                (3, 3),
-                strides=(self.stride, self.stride),
-                padding=_padding(3),
-                count_include_pad=False,
-            )
+            y = pooling.average_pool(y, 3, self.stride, "symmetric")
         return y
 
     @nn.compact
@@ -437,10 +432,7 @@ class Bottleneck(nn.Module):
         if x.shape[-1] != out_features or self.stride > 1:
             stride = self.stride
             if self.resnet_d_shortcut and stride > 1:
-                shortcut = nn.avg_pool(
-                    shortcut, (stride, stride), strides=(stride, stride), padding="SAME",
-                    count_include_pad=False,
-                )
+                shortcut = pooling.average_pool(shortcut, stride, stride, "same")
                 stride = 1
             shortcut = _conv(self, out_features, 1, stride, "shortcut_conv")(shortcut)
             shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
