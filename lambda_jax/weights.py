@@ -53,11 +53,12 @@ RUNTIME_SETTINGS = frozenset({"dtype", "param_dtype", "axis_name", "drop_path_ra
                               "dropout_rate"})
 # Image side for a registered model that ARCHITECTURES does not describe.
 _DEFAULT_SIDE = 224
-_TORCH_CONVERSION = (
-    "Reading it needs torch; convert it once where torch is installed: "
-    "`import torch, safetensors.torch; safetensors.torch.save_file(torch.load(PATH, "
-    "map_location='cpu'), 'model.safetensors')`, and pass the .safetensors file."
-)
+
+
+def _torch_conversion(path: Any) -> str:
+    return ("Reading it needs torch; convert it once where torch is installed: `import torch, "
+            f"safetensors.torch; safetensors.torch.save_file(torch.load({str(path)!r}, "
+            "map_location='cpu'), 'model.safetensors')`, and pass the .safetensors file.")
 
 
 def _safetensors():
@@ -93,7 +94,11 @@ def _hub_file(spec: str, name: Optional[str]) -> pathlib.Path:
             cached[filename] = found
     if name is not None and "config.json" in cached:
         with open(cached["config.json"]) as f:
-            architecture = json.load(f).get("architecture")
+            try:
+                config = json.load(f)
+            except ValueError:  # the check is a courtesy; from_timm still checks every key
+                config = {}
+        architecture = config.get("architecture") if isinstance(config, dict) else None
         if architecture is not None and architecture != name:
             raise ValueError(f"{repo_id} holds timm's {architecture!r} (its config.json), not "
                              f"{name!r}: call load_model({architecture!r}, "
@@ -102,7 +107,8 @@ def _hub_file(spec: str, name: Optional[str]) -> pathlib.Path:
         return pathlib.Path(cached[HUB_FILES[0]])
     if HUB_FILES[1] in cached:
         raise ValueError(f"The Hugging Face cache holds {repo_id}'s {HUB_FILES[1]} only, at "
-                         f"{cached[HUB_FILES[1]]}: a PyTorch pickle. {_TORCH_CONVERSION}")
+                         f"{cached[HUB_FILES[1]]}: a PyTorch pickle. "
+                         + _torch_conversion(cached[HUB_FILES[1]]))
     folder = os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))
     at = f" at revision {revision!r}" if revision else ""
     raise FileNotFoundError(
@@ -139,7 +145,7 @@ def _unreadable(path: pathlib.Path, error: Exception) -> ValueError:
         start = f.read(4)
     if start == b"PK\x03\x04" or start[:1] == b"\x80":
         return ValueError(f"{path} is a PyTorch pickle (torch.save), not a safetensors file. "
-                          + _TORCH_CONVERSION.replace("PATH", repr(str(path))))
+                          + _torch_conversion(path))
     return ValueError(f"{path} is not a readable safetensors file ({error}). load_model reads "
                       "timm's .safetensors files and files written by lambda_jax.save_model; "
                       "if this one was cut short, write or download it again.")
@@ -335,6 +341,7 @@ def load_model(name: str, weights: PathLike, **overrides: Any) -> tuple[nn.Modul
         unexpected or misshapen key with both shapes.
       FileNotFoundError: no such file, or the repository is not in the Hugging Face cache (the
         message says where it looked).
+      IsADirectoryError: ``weights`` is a directory.
       ValueError: for a file that is not safetensors (a PyTorch pickle needs converting: the
         message says how), an export of another model or with conflicting settings.
       ImportError: ``"hf-hub:..."`` without ``huggingface_hub`` installed.
