@@ -55,5 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.async_checkpoints = True
 
+    # Fine-tuning: a workdir, or one of its step directories, whose weights start a new run
+    # (a new --workdir; the optimizer and step start afresh). Ignored when resuming.
+    config.init_from = ""
+
     config.seed = 0
     return config
