@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 120
 
-    # Length: num_train_steps > 0 overrides num_epochs.
+    # Length: num_train_steps > 0 overrides num_epochs; -1 trains num_epochs.
     config.num_epochs = 8.0
     config.num_train_steps = -1
 

@@ -115,6 +115,15 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _on_every_process(flag: bool) -> bool:
+    """``flag`` and-ed over all processes: each host verifies its own data position."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array([flag])).all())
+
+
 def _absolute(directory: Any) -> epath.Path:
     path = epath.Path(directory)
     return path if "://" in str(directory) else epath.Path(path.absolute())
@@ -326,10 +335,13 @@ class Checkpointer:
             try:
                 if check_run is not None:
                     check_run(step, self.read_run(step))
-                return step, self.restore(step, state_template, data_iterator)
+                state, intact = self.restore(step, state_template, data_iterator), True
             except DamagedCheckpointError as error:
                 logging.error("%s", error)
-                self.set_aside(step)
+                intact = False
+            if _on_every_process(intact):
+                return step, state
+            self.set_aside(step)
         return None, state_template
 
     def set_aside(self, step: int) -> None:

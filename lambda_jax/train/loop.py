@@ -119,11 +119,13 @@ def _resume_check(run: dict[str, Any], allow_config_changes: bool, checkpointer:
     whose run-defining fields differ from ``run``'s, unless ``allow_config_changes``."""
 
     def check(step: int, saved: dict[str, Any]) -> None:
-        changes = config_check.config_changes(saved.get("config", {}), run["config"])
+        if "config" in saved:
+            changes = config_check.config_changes(saved["config"], run["config"])
+        else:  # saved before configs were recorded: the model fields only
+            changes = {k: (saved.get(k), run[k]) for k in ("model", "model_overrides", "dataset")
+                       if saved.get(k) != run[k]}
         if saved.get("num_classes") != run["num_classes"]:
             changes["num_classes"] = (saved.get("num_classes"), run["num_classes"])
-        if "config" not in saved:  # saved before configs were recorded: the model fields only
-            changes = {k: v for k, v in changes.items() if k in saved}
         if not changes:
             return
         detail = config_check.describe_changes(changes)
