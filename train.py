@@ -3,21 +3,31 @@
     python train.py --config=configs/default.py --workdir=/tmp/lambda_digits
     python train.py --config=configs/cifar10.py --workdir=/tmp/cifar10 --config.batch_size=256
 
-Rerunning with the same --workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C
-saves a checkpoint and stops.
+Rerunning with the same --workdir resumes from its newest intact checkpoint; a damaged one is
+moved to <workdir>/checkpoints_damaged/. A resume whose config changes what the run means is
+refused unless --allow_config_changes is passed. SIGTERM or Ctrl-C saves a checkpoint and stops.
+
+Exit status: 0 when training finished; 75 (EX_TEMPFAIL) after a stop on SIGTERM or Ctrl-C that
+saved a checkpoint, on every process of a multi-host run (requeue the job to resume); 1 on an
+error, including a NaN or infinite loss.
 """
 
 import logging as std_logging
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lambda_jax.train import train_and_evaluate
+from lambda_jax.train import EXIT_PREEMPTED, NonFiniteError, train_and_evaluate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metrics.")
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
+flags.DEFINE_bool("allow_config_changes", False,
+                  "Resume although fields that define the run (model, data, optimizer, learning "
+                  "rate, length, ...) differ from the checkpoint's; logs each change and the "
+                  "learning rate before and after.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,10 +46,16 @@ def main(argv):
         jax.distributed.initialize()
     logging.info("JAX processes %d, devices %d (%s).", jax.process_count(), jax.device_count(),
                  jax.devices()[0].platform)
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    allow_config_changes=FLAGS.allow_config_changes)
+    except NonFiniteError as error:
+        logging.error("%s", error)
+        sys.exit(1)
     if result["preempted"]:
-        logging.info("Stopped early at step %d; run the same command again to resume.",
-                     result["step"])
+        logging.info("Stopped early at step %d; run the same command again to resume (exit "
+                     "status %d).", result["step"], EXIT_PREEMPTED)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 120
 
-    # Length: num_train_steps > 0 overrides num_epochs.
+    # Length: num_train_steps > 0 overrides num_epochs; -1 trains num_epochs.
     config.num_epochs = 8.0
     config.num_train_steps = -1
 
@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0
     config.keep_checkpoints = 2
     config.async_checkpoints = True
+
+    # Fine-tuning: a workdir, or one of its step directories, whose weights start a new run
+    # (a new --workdir; the optimizer and step start afresh). Ignored when resuming.
+    config.init_from = ""
 
     config.seed = 0
     return config

@@ -1,5 +1,6 @@
-"""Orbax checkpoints of lambda_jax.train: resume position, retention, bad checkpoints."""
+"""Orbax checkpoints of lambda_jax.train: resume position, retention, integrity, fallback."""
 
+import json
 import os
 import shutil
 
@@ -7,7 +8,8 @@ import grain
 import numpy as np
 import pytest
 
-from lambda_jax.train import CheckpointError, Checkpointer
+from lambda_jax.train import CheckpointError, Checkpointer, DamagedCheckpointError, NonFiniteError
+from lambda_jax.train.checkpoint import DAMAGED_DIR, read_weights
 
 RUN = {"model": "lambda_resnet_tiny", "model_overrides": {}, "num_classes": 10,
        "dataset": "digits"}
@@ -79,16 +81,128 @@ def test_a_corrupt_checkpoint_names_its_step_and_path(tmp_path):
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"\0garbage")
     checkpointer = Checkpointer(tmp_path, keep=2)
-    with pytest.raises(CheckpointError, match=f"step 2 at {tmp_path / '2'}.*Delete that step"):
+    with pytest.raises(DamagedCheckpointError, match=f"step 2 at {tmp_path / '2'} is damaged"):
         checkpointer.restore(2, _state(0), _iterator())
     checkpointer.close()
 
 
-def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+def _flip_one_bit(directory):
+    """Flips the lowest bit of the middle byte of the largest file under ``directory``."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 1]))
+    return largest
+
+
+def _big_state(value):
+    rng = np.random.default_rng(value)
+    return {"step": np.array(value, np.int32),
+            "params": {"kernel": rng.standard_normal((64, 64)).astype(np.float32)}}
+
+
+def test_a_flipped_bit_is_found_and_the_newest_intact_checkpoint_restored(tmp_path, caplog):
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3)
+    iterator = _iterator()
+    for step in (1, 2, 3):
+        next(iterator)
+        checkpointer.save(step, _big_state(step), iterator, RUN)
+    checkpointer.close()
+    flipped = _flip_one_bit(directory / "3")
+
+    checkpointer = Checkpointer(directory, keep=3)
+    with pytest.raises(DamagedCheckpointError, match=f"step 3 at {directory / '3'} is damaged: "
+                                                     "the checksums of 1 arrays do not match"):
+        checkpointer.restore(3, _big_state(0), _iterator())
+    restored_iterator = _iterator()
+    step, state = checkpointer.restore_latest_intact(_big_state(0), restored_iterator)
+    assert step == 2 and checkpointer.all_steps() == [1, 2]
+    np.testing.assert_array_equal(state["params"]["kernel"], _big_state(2)["params"]["kernel"])
+    checkpointer.close()
+    assert f"step 3 at {directory / '3'} is damaged" in caplog.text
+    # Moved aside, never deleted: the flipped file is still there.
+    kept = tmp_path / DAMAGED_DIR / "3" / os.path.relpath(flipped, directory / "3")
+    assert kept.exists() and not (directory / "3").exists()
+
+
+def test_a_changed_data_position_is_found(tmp_path):
+    _save_steps(tmp_path, [1, 2])
+    data_file = tmp_path / "2" / "data" / "process_0-of-1.json"
+    position = json.loads(data_file.read_text())
+    position["last_seen_indices"]["0"] += 4  # what one flipped bit in the digit 7 gives
+    data_file.write_text(json.dumps(position))
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    with pytest.raises(DamagedCheckpointError, match=r"step 2 .* the checksum of .*process_0-of-1"):
+        checkpointer.restore(2, _state(0), _iterator())
+    checkpointer.close()
+
+
+def test_a_checkpoint_without_checksums_is_damaged(tmp_path):
+    _save_steps(tmp_path, [1, 2])
+    shutil.rmtree(tmp_path / "2" / "checksums")
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    with pytest.raises(DamagedCheckpointError, match="step 2 .* has no checksums"):
+        checkpointer.restore(2, _state(0), _iterator())
+    checkpointer.close()
+
+
+def test_directories_that_are_not_checkpoints_do_not_block(tmp_path, caplog):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [1, 2])
+    (directory / "999").mkdir()
+    (directory / "notes").mkdir()
+    checkpointer = Checkpointer(directory, keep=2)
+    assert checkpointer.all_steps() == [1, 2]
+    step, _ = checkpointer.restore_latest_intact(_state(0), _iterator())
+    assert step == 2
+    checkpointer.close()
+    assert (tmp_path / DAMAGED_DIR / "999").is_dir() and (directory / "notes").is_dir()
+    assert "999 is named like a step but holds no checkpoint" in caplog.text
+    assert "Skipping" in caplog.text and "notes: not a step directory" in caplog.text
+
+
+def test_a_state_of_another_structure_is_refused_not_set_aside(tmp_path):
     _save_steps(tmp_path, [1])
     checkpointer = Checkpointer(tmp_path, keep=2)
-    checkpointer.check_run(RUN)
-    with pytest.raises(CheckpointError, match="different run.*model: checkpoint "
-                                              "'lambda_resnet_tiny', config 'resnet26_cifar'"):
-        checkpointer.check_run({**RUN, "model": "resnet26_cifar"})
+    template = {"step": np.array(0, np.int32), "params": {"kernel": np.zeros((4, 2), np.float32)}}
+    with pytest.raises(CheckpointError, match=r"params/kernel: checkpoint float32\[3,2\], "
+                                              r"config float32\[4,2\]") as error:
+        checkpointer.restore(1, template, _iterator())
+    assert not isinstance(error.value, DamagedCheckpointError)
     checkpointer.close()
+    assert (tmp_path / "1").is_dir()
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2, async_saves=False)
+    state = _state(1)
+    state["params"]["kernel"][0, 1] = np.nan
+    with pytest.raises(NonFiniteError, match="Not saving step 1: non-finite values in "
+                                             "params/kernel"):
+        checkpointer.save(1, state, _iterator(), RUN)
+    checkpointer.close()
+    assert checkpointer.latest_step() is None and not (tmp_path / "1").exists()
+
+
+def test_the_best_checkpoint_is_kept_after_a_restart(tmp_path):
+    _save_steps(tmp_path, [1, 2], metrics=[0.9, 0.1], keep=1)
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    iterator = _iterator()
+    checkpointer.save(3, _state(3), iterator, RUN)  # a stop between evaluations: no metrics
+    checkpointer.save(4, _state(4), iterator, RUN, metrics={"eval_top1": 0.2})
+    checkpointer.close()
+    assert sorted(int(name) for name in os.listdir(tmp_path) if name.isdigit()) == [1, 4]
+
+
+def test_weights_for_fine_tuning_are_read_from_a_workdir_or_a_step(tmp_path):
+    _save_steps(tmp_path / "checkpoints", [1, 2])
+    template = {"params": {"kernel": np.zeros((3, 2), np.float32)}}
+    np.testing.assert_array_equal(read_weights(tmp_path, template)["params"]["kernel"], 2)
+    step_one = read_weights(tmp_path / "checkpoints" / "1", template)
+    np.testing.assert_array_equal(step_one["params"]["kernel"], 1)
+    with pytest.raises(CheckpointError, match="init_from=.*params/bias"):
+        read_weights(tmp_path, {"params": {**template["params"], "bias": np.zeros(2)}})

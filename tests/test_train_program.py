@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -13,7 +16,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar10, default, imagenet_lambda_resnet50
-from lambda_jax.train import CheckpointError, Checkpointer, train_and_evaluate
+from lambda_jax.train import (
+    EXIT_PREEMPTED,
+    CheckpointError,
+    Checkpointer,
+    ConfigChangeError,
+    train_and_evaluate,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The kill-and-resume run: small enough to take seconds per step on a CPU.
@@ -69,6 +78,15 @@ def uninterrupted(tmp_path_factory, data_dir, compilation_cache):
     return workdir
 
 
+def _kept_steps(workdir):
+    return Checkpointer(os.path.join(workdir, "checkpoints"), keep=2).all_steps()
+
+
+def _saved_metrics(workdir, step):
+    with open(os.path.join(workdir, "checkpoints", str(step), "metrics", "metrics")) as f:
+        return json.load(f)
+
+
 def test_sigterm_saves_and_a_rerun_ends_with_the_same_parameters(tmp_path, data_dir,
                                                                   uninterrupted,
                                                                   compilation_cache):
@@ -83,15 +101,16 @@ def test_sigterm_saves_and_a_rerun_ends_with_the_same_parameters(tmp_path, data_
             process.send_signal(signal.SIGTERM)
             break
     log.extend(process.stderr)
-    assert process.wait(timeout=300) == 0, "".join(log[-20:])
+    assert process.wait(timeout=300) == EXIT_PREEMPTED, "".join(log[-20:])
     log = "".join(log)
     assert "Received SIGTERM" in log and "rerun the same command to resume" in log
     stopped_at = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2).latest_step()
     assert 8 <= stopped_at < 20
     assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+    # keep_checkpoints may change on resume; the best by eval_top1 must survive it.
+    rerun = subprocess.run([*command, "--config.keep_checkpoints=1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Resumed from {workdir}/checkpoints/{stopped_at} (step {stopped_at})" in rerun.stderr
     resumed = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2).read_state()
@@ -102,27 +121,130 @@ def test_sigterm_saves_and_a_rerun_ends_with_the_same_parameters(tmp_path, data_
         final = json.load(f)
     with open(os.path.join(uninterrupted, "final_metrics.json")) as f:
         assert final["eval_top1"] == pytest.approx(json.load(f)["eval_top1"])
+    top1 = {step: _saved_metrics(uninterrupted, step)["eval_top1"] for step in (10, 20)}
+    best = max(top1, key=lambda step: (top1[step], step))
+    kept = _kept_steps(workdir)
+    assert kept == sorted({best, 20})
+    assert {step: _saved_metrics(workdir, step)["eval_top1"] for step in kept} == \
+        pytest.approx({step: top1[step] for step in kept})
 
 
-def test_a_workdir_of_another_model_is_refused_at_start(tmp_path, data_dir, uninterrupted):
+def _slurm_port():
+    """A free port of the range JAX derives from SLURM_JOB_ID: [61440, 65535]."""
+    for port in np.random.default_rng().permutation(np.arange(61440, 65536)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_every_host_with_the_requeue_status(tmp_path, data_dir,
+                                                                      uninterrupted):
+    """Two processes on this machine (one CPU device each, JAX's SLURM detection); SIGTERM
+    reaches only process 1, and both save step and exit with EXIT_PREEMPTED."""
+    workdir = str(tmp_path / "two_hosts")
+    port = _slurm_port()
+    command = _train_command(workdir, data_dir=data_dir, distributed=True, **QUICK)
+    processes = []
+    for i in range(2):
+        env = _env(1)
+        env.update(SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="127.0.0.1",
+                   SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i))
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                          text=True))
+    # A hung collective must fail the test, not block it: kill both after 10 minutes.
+    watchdog = threading.Timer(600, lambda: [p.kill() for p in processes])
+    watchdog.start()
+    try:
+        log = []
+        for line in processes[0].stderr:
+            log.append(line)
+            if "step 8/20" in line:
+                processes[1].send_signal(signal.SIGTERM)
+                break
+        log.extend(processes[0].stderr)
+        other = processes[1].stderr.read()
+        codes = [p.wait(timeout=300) for p in processes]
+    finally:
+        watchdog.cancel()
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], "".join(log[-20:]) + other[-3000:]
+    stopped_at = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2).latest_step()
+    assert 8 <= stopped_at < 20
+    assert f"Stopped at step {stopped_at}" in "".join(log)
+
+
+@pytest.fixture
+def copied(tmp_path, uninterrupted):
     workdir = str(tmp_path / "copy")
     shutil.copytree(uninterrupted, workdir)
+    return workdir
+
+
+def test_a_workdir_of_another_model_is_refused_at_start(copied, data_dir):
     config = _quick_config(data_dir, model="resnet26_cifar")
     with pytest.raises(CheckpointError, match=r"20 holds a checkpoint of a different run "
-                                              r"\(model: checkpoint 'lambda_resnet_tiny'"):
-        train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+                                              r"\(model: 'lambda_resnet_tiny' -> 'resnet26_cifar'"):
+        train_and_evaluate(config, copied, devices=jax.devices()[:1])
 
 
-def test_an_unreadable_checkpoint_names_its_step_and_path(tmp_path, data_dir, uninterrupted):
-    workdir = str(tmp_path / "copy")
-    shutil.copytree(uninterrupted, workdir)
-    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+def test_a_resume_that_changes_the_run_is_refused_naming_each_field(copied, data_dir):
+    with open(os.path.join(copied, "config.json")) as f:
+        config_json = f.read()
+    config = _quick_config(data_dir, image_size=16, optimizer="adamw", num_workers=1)
+    with pytest.raises(ConfigChangeError, match=r"image_size: 8 -> 16; optimizer: 'sgd' -> "
+                                                r"'adamw'\)\. These fields define the run.*"
+                                                r"--allow_config_changes.*--config.init_from="):
+        train_and_evaluate(config, copied, devices=jax.devices()[:1])
+    with open(os.path.join(copied, "config.json")) as f:
+        assert f.read() == config_json  # written only after the checks pass
+    assert _kept_steps(copied) == [10, 20]
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_training_redone(copied, data_dir,
+                                                                      compilation_cache):
+    state_dir = os.path.join(copied, "checkpoints", "20", "state")
     for root, _, files in os.walk(state_dir):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"\0")
-    with pytest.raises(CheckpointError, match=f"step 20 at {workdir}/checkpoints/20"):
-        train_and_evaluate(_quick_config(data_dir), workdir, devices=jax.devices()[:1])
+    os.makedirs(os.path.join(copied, "checkpoints", "999"))
+    run = subprocess.run(_train_command(copied, data_dir=data_dir, **QUICK), cwd=ROOT,
+                         env=_env(1, compilation_cache), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"step 20 at {copied}/checkpoints/20 is damaged" in run.stderr
+    assert f"Resumed from {copied}/checkpoints/10 (step 10)" in run.stderr
+    assert os.path.isdir(os.path.join(copied, "checkpoints_damaged", "20", "state"))
+    assert os.path.isdir(os.path.join(copied, "checkpoints_damaged", "999"))
+    assert _kept_steps(copied) == [10, 20]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_saves_nothing(copied, data_dir,
+                                                                 compilation_cache):
+    """Continues the finished run on purpose with a learning rate that diverges: the change
+    is logged with the learning rate before and after, and the run stops at the first NaN."""
+    overrides = dict(QUICK, num_train_steps=24, learning_rate=1e30, checkpoint_every_steps=1)
+    run = subprocess.run([*_train_command(copied, data_dir=data_dir, **overrides),
+                          "--allow_config_changes"], cwd=ROOT, env=_env(1, compilation_cache),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert ("changed config (--allow_config_changes): learning_rate: 0.4 -> 1e+30; "
+            "num_train_steps: 20 -> 24. Learning rate at step 20: 0 before, ") in run.stderr
+    # Stopped by the loss at a log step, or by the state before a save.
+    stopped = re.search(r"The training loss is (?:nan|inf) at step (\d+); stopping|"
+                        r"Not saving step (\d+): non-finite values", run.stderr)
+    assert stopped, run.stderr[-3000:]
+    newest = _kept_steps(copied)[-1]
+    assert 20 <= newest < int(stopped.group(1) or stopped.group(2))
+    state = Checkpointer(os.path.join(copied, "checkpoints"), keep=2).read_state(newest)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
 
 def test_bad_settings_fail_at_start_with_a_clear_message(tmp_path, data_dir):

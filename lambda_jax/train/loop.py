@@ -16,33 +16,22 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from lambda_jax.train import config_check
 from lambda_jax.train import metrics as metrics_lib
-from lambda_jax.train.checkpoint import Checkpointer
+from lambda_jax.train.checkpoint import Checkpointer, NonFiniteError, read_weights
 from lambda_jax.train.optim import create_learning_rate_fn, create_optimizer
 from lambda_jax.train.parallel import AXIS, DataParallel
 from lambda_jax.train.steps import TrainState, create_train_state, eval_step, train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# train.py's exit status after a stop on SIGTERM or Ctrl-C that saved a checkpoint: EX_TEMPFAIL,
+# "try again later", so a scheduler requeues the job; a finished run exits 0.
+EXIT_PREEMPTED = 75
 
 
 def validate_config(config: ml_collections.ConfigDict, parallel: DataParallel) -> None:
     """Raises ``ValueError`` naming the field for settings that cannot run on these devices."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}.")
-    for field in ("batch_size", "eval_batch_size"):
-        value = config[field]
-        if value < 1 or value % parallel.num_devices:
-            raise ValueError(
-                f"config.{field}={value} is the global batch and must be a positive multiple of "
-                f"the device count ({parallel.num_devices}); for example "
-                f"--config.{field}={max(1, value // parallel.num_devices) * parallel.num_devices}."
-            )
-    for field in ("log_every_steps", "keep_checkpoints"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field} must be at least 1, got {config[field]}.")
-    for field in ("eval_every_steps", "checkpoint_every_steps"):
-        if config[field] < 0:
-            raise ValueError(f"config.{field} must be >= 0 (0: once per epoch), got {config[field]}.")
+    config_check.check_values(config, parallel.num_devices)
 
 
 def _image_shape(info: Any) -> tuple[int, int, int]:
@@ -104,37 +93,99 @@ def evaluate(p_eval_step, state: TrainState, eval_fn, parallel: DataParallel) ->
     }
 
 
+def check_finite(host_metrics: Sequence[dict[str, Any]], first_step: int) -> None:
+    """Raises :class:`NonFiniteError` naming the first step whose loss (or gradient norm, where
+    the step reports one) is NaN or infinite; ``host_metrics[i]`` is step ``first_step + i``."""
+    for i, step_metrics in enumerate(host_metrics):
+        for name in ("loss", "grad_norm"):
+            if name in step_metrics and not np.isfinite(step_metrics[name]):
+                raise NonFiniteError(
+                    f"The training {name} is {float(step_metrics[name])} at step "
+                    f"{first_step + i}; stopping without saving. Lower config.learning_rate, "
+                    "set config.grad_clip_norm, or check the data; the newest checkpoint "
+                    "predates the divergence.")
+
+
+def _learning_rate_at(config: dict[str, Any], steps_per_epoch: int, num_train_steps: int,
+                      step: int) -> float:
+    schedule = create_learning_rate_fn(ml_collections.ConfigDict(config), steps_per_epoch,
+                                       num_train_steps)
+    return float(schedule(step))
+
+
+def _resume_check(run: dict[str, Any], allow_config_changes: bool, checkpointer: Checkpointer,
+                  workdir: str):
+    """A ``check_run`` for :meth:`Checkpointer.restore_latest_intact`: refuses a checkpoint
+    whose run-defining fields differ from ``run``'s, unless ``allow_config_changes``."""
+
+    def check(step: int, saved: dict[str, Any]) -> None:
+        if "config" in saved:
+            changes = config_check.config_changes(saved["config"], run["config"])
+        else:  # saved before configs were recorded: the model fields only
+            changes = {k: (saved.get(k), run[k]) for k in ("model", "model_overrides", "dataset")
+                       if saved.get(k) != run[k]}
+        if saved.get("num_classes") != run["num_classes"]:
+            changes["num_classes"] = (saved.get("num_classes"), run["num_classes"])
+        if not changes:
+            return
+        detail = config_check.describe_changes(changes)
+        if not allow_config_changes:
+            raise config_check.ConfigChangeError(
+                f"{checkpointer.step_path(step)} holds a checkpoint of a different run "
+                f"({detail}). These fields define the run. Resume with the saved values, pass "
+                "--allow_config_changes to continue with the new ones on purpose, or start a new "
+                f"--workdir with --config.init_from={workdir} to fine-tune from its weights.")
+        before = (_learning_rate_at(saved["config"], saved["steps_per_epoch"],
+                                    saved["num_train_steps"], step) if "config" in saved
+                  else float("nan"))
+        after = _learning_rate_at(run["config"], run["steps_per_epoch"], run["num_train_steps"],
+                                  step)
+        logging.warning("Continuing step %d with a changed config (--allow_config_changes): %s. "
+                        "Learning rate at step %d: %.6g before, %.6g now.", step, detail, step,
+                        before, after)
+
+    return check
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
     devices: Optional[Sequence[jax.Device]] = None,
+    allow_config_changes: bool = False,
 ) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.dataset``, evaluating, logging and checkpointing.
 
-    Resumes from the latest checkpoint in ``<workdir>/checkpoints``; stops early with a
-    checkpoint on SIGTERM or Ctrl-C. Writes TensorBoard events to ``workdir`` and, when
-    training completes, ``<workdir>/final_metrics.json``.
+    Resumes from the newest intact checkpoint in ``<workdir>/checkpoints``; damaged ones are
+    moved to ``<workdir>/checkpoints_damaged/``. Without a checkpoint, starts from
+    ``config.init_from``'s weights if set. Stops early with a checkpoint on SIGTERM or Ctrl-C.
+    Writes TensorBoard events and ``config.json`` to ``workdir`` and, when training completes,
+    ``<workdir>/final_metrics.json``.
 
     Args:
       config: a config from ``configs/`` (see ``configs/default.py`` for every field).
       workdir: directory for checkpoints, event files and final metrics.
       devices: devices to train on (default: all; a subset only on a single host).
+      allow_config_changes: resume although fields outside
+        :data:`config_check.MAY_CHANGE_ON_RESUME` differ from the checkpoint's; the changes
+        and the learning rate before and after are logged.
 
     Returns:
       The last metrics, with ``step`` and ``preempted``.
+
+    Raises:
+      ConfigChangeError: the newest intact checkpoint was saved with another run-defining
+        config (and ``allow_config_changes`` is False).
+      NonFiniteError: the loss became NaN or infinite; the newest checkpoint predates it.
     """
     from lambda_jax import create_model
     from lambda_jax.data import create_datasets
 
     parallel = DataParallel(config.parallelism, devices)
     validate_config(config, parallel)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     train_loader, eval_fn, info = create_datasets(config, seed=config.seed)
+    config_check.check_data_size(config, info.num_train_examples)
     model = create_model(
         config.model,
         num_classes=info.num_classes,
@@ -145,8 +196,11 @@ def train_and_evaluate(
     steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
     num_train_steps = (
         config.num_train_steps if config.num_train_steps > 0
-        else max(1, int(config.num_epochs * steps_per_epoch))
+        else int(config.num_epochs * steps_per_epoch)
     )
+    if num_train_steps < 1:
+        raise ValueError(f"config.num_epochs={config.num_epochs} is less than one step "
+                         f"({steps_per_epoch} steps per epoch); raise it.")
     eval_every = config.eval_every_steps or steps_per_epoch
     checkpoint_every = config.checkpoint_every_steps or eval_every
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
@@ -159,23 +213,42 @@ def train_and_evaluate(
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     host_state = jax.device_get(jax.jit(init, compiler_options=options)(init_rng))
 
-    run = json.loads(json.dumps({
+    config_json = json.loads(config.to_json_best_effort())
+    run = {
         "model": config.model,
-        "model_overrides": config.model_overrides.to_dict(),
+        "model_overrides": config_json["model_overrides"],
         "num_classes": info.num_classes,
         "dataset": config.dataset,
-    }))
+        "config": config_json,
+        "steps_per_epoch": steps_per_epoch,
+        "num_train_steps": num_train_steps,
+    }
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=config.keep_checkpoints,
         async_saves=config.async_checkpoints,
     )
-    checkpointer.check_run(run)
-    train_iter = iter(train_loader)
-    latest = checkpointer.latest_step()
+    try:
+        train_iter = iter(train_loader)
+        latest, host_state = checkpointer.restore_latest_intact(
+            host_state, train_iter,
+            check_run=_resume_check(run, allow_config_changes, checkpointer, workdir))
+    except BaseException:
+        checkpointer.close()
+        raise
     if latest is not None:
-        host_state = checkpointer.restore(latest, host_state, train_iter)
         logging.info("Resumed from %s (step %d).", checkpointer.step_path(latest), latest)
+    else:
+        train_iter = iter(train_loader)  # a damaged checkpoint may have moved it
+        if config.init_from:
+            weights = read_weights(config.init_from, {
+                k: getattr(host_state, k)
+                for k in ("params", "batch_stats", "ema_params", "ema_batch_stats")})
+            host_state = host_state.replace(**weights)
+            logging.info("Starting from the weights in %s.", config.init_from)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     start_step = int(host_state.step)
     state = parallel.replicate(host_state)
     del host_state
@@ -194,7 +267,8 @@ def train_and_evaluate(
     eval_metrics: Optional[dict[str, float]] = None
     step = start_step
     preempted = False
-    pending: list[dict[str, jax.Array]] = []
+    pending: list[dict[str, jax.Array]] = []  # on the devices, not yet checked
+    fetched: list[dict[str, np.ndarray]] = []  # checked, not yet logged
     interval_start = time.perf_counter()
     interval_step = start_step
     logging.info("Training %s on %s: steps %d..%d of %d per epoch, %d devices (%s).",
@@ -208,27 +282,36 @@ def train_and_evaluate(
                 pending.append(step_metrics)
                 step += 1
                 done = step == num_train_steps
-                if step % config.log_every_steps == 0 or done:
+                preempted = guard.should_stop(step, checkpointer)
+                log_due = step % config.log_every_steps == 0 or done
+                save_due = step % checkpoint_every == 0 or done or preempted
+                if log_due or save_due:
+                    # The metrics are fetched here anyway: checking them adds no device sync.
                     host_metrics = parallel.to_host(pending)
+                    check_finite(host_metrics, step - len(pending) + 1)
+                    fetched.extend(host_metrics)
+                    pending = []
+                if log_due:
                     elapsed = time.perf_counter() - interval_start
                     last = {
-                        "train_loss": float(np.mean([m["loss"] for m in host_metrics])),
-                        "train_accuracy": float(np.mean([m["accuracy"] for m in host_metrics])),
-                        "learning_rate": float(host_metrics[-1]["learning_rate"]),
+                        "train_loss": float(np.mean([m["loss"] for m in fetched])),
+                        "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+                        "learning_rate": float(fetched[-1]["learning_rate"]),
                         "examples_per_second":
                             (step - interval_step) * config.batch_size / max(elapsed, 1e-9),
                     }
                     writer.write(step, last)
                     metrics_lib.log_progress(step, num_train_steps, last)
-                    pending = []
+                    fetched = []
                     interval_start, interval_step = time.perf_counter(), step
+                # An evaluation due with a checkpoint runs first, so its metrics are saved
+                # with it and the best checkpoint is known after a resume.
                 evaluated = step % eval_every == 0 or done
                 if evaluated:
                     eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
                     writer.write(step, eval_metrics)
                     metrics_lib.log_progress(step, num_train_steps, eval_metrics)
-                preempted = guard.should_stop(step, checkpointer)
-                if step % checkpoint_every == 0 or done or preempted:
+                if save_due:
                     checkpointer.save(step, parallel.to_host(state), train_iter, run,
                                       metrics=eval_metrics if evaluated else None)
                 if preempted:
