@@ -201,10 +201,7 @@ def test_worker_processes_give_the_in_process_batches_and_resume(digits_dir):
     ("imagenet2012", 40, 3, 1000),
     ("imagenette", 40, 3, 10),
 ])
-def test_tfds_mock_data_batches(dataset, image_size, channels, num_classes, monkeypatch):
-    # TFDS's mock sources encode their images with TensorFlow when decoding is skipped;
-    # read them decoded (the pipeline takes pixels as well as encoded bytes).
-    monkeypatch.setattr(input_pipeline, "_skip_image_decoding", lambda builder: None)
+def test_tfds_mock_data_batches(dataset, image_size, channels, num_classes):
     config = make_config(dataset=dataset, image_size=image_size, batch_size=8,
                          eval_batch_size=6)
     with tfds.testing.mock_data(num_examples=20):
