@@ -212,3 +212,36 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
         DataParallel("xmap")
     with pytest.raises(ValueError, match="config.optimizer"):
         create_optimizer(_config(optimizer="lamb"), lambda step: 1.0)
+
+
+def test_uint8_batches_normalised_in_the_steps_match_host_normalised_batches():
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    rs = np.random.RandomState(3)
+    pixels = {"image": rs.randint(0, 256, (BATCH, *IMAGE_SHAPE)).astype(np.uint8),
+              "label": rs.randint(0, NUM_CLASSES, BATCH).astype(np.int32),
+              "mask": np.ones(BATCH, np.float32)}
+    # What the host sent before: float32 images normalised with the same statistics.
+    host = {**pixels, "image": ((pixels["image"].astype(np.float32) / 255 - np.float32(mean))
+                                / np.float32(std)).astype(np.float32)}
+    config = _config()
+    parallel = DataParallel("pmap", jax.devices()[:2])
+    model = TinyLambdaNet(axis_name=AXIS)
+    lr_fn = create_learning_rate_fn(config, steps_per_epoch=2, num_train_steps=10)
+    tx = create_optimizer(config, lr_fn)
+    host_state = jax.device_get(create_train_state(jax.random.key(0), model, tx, IMAGE_SHAPE))
+    results = []
+    for batch, statistics in ((pixels, dict(mean=mean, std=std)), (host, {})):
+        step = parallel.map_train_step(functools.partial(
+            train_step, model=model, tx=tx, learning_rate_fn=lr_fn, num_classes=NUM_CLASSES,
+            label_smoothing=0.1, ema_decay=0.9, axis_name=AXIS, **statistics))
+        evaluate = parallel.map_eval_step(functools.partial(
+            eval_step, model=model, num_classes=NUM_CLASSES, axis_name=AXIS, **statistics))
+        device_batch = parallel.shard_batch(batch)
+        state, metrics = step(parallel.replicate(host_state), device_batch, jax.random.key(1))
+        results.append((parallel.to_host(state), parallel.to_host(metrics),
+                        parallel.to_host(evaluate(state, device_batch))))
+    (state, metrics, sums), (expected_state, expected_metrics, expected_sums) = results
+    assert _max_difference(state, expected_state) < 1e-5
+    np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(sums["loss"], expected_sums["loss"], rtol=1e-5)
+    assert sums["top1"] == expected_sums["top1"] and sums["count"] == BATCH

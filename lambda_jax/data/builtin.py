@@ -6,10 +6,23 @@ files with no network. Its features are `tfds.features.Tensor`, which TFDS encod
 without TensorFlow (an `Image` feature would need TensorFlow to encode PNGs). The input
 pipeline then reads it with `as_data_source`, like every other TFDS data set, and
 upsamples the 8x8 images to `config.image_size`.
+
+`prepare_digits` is safe to call from several processes at once on a fresh machine:
+one prepares under a lock file in the data directory while the others wait, and TFDS
+writes the set into a temporary directory renamed into place only when complete, so no
+process reads a half-written set.
 """
+
+import contextlib
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; TFDS's atomic rename still applies.
+    fcntl = None
 
 NUM_TEST_EXAMPLES = 360
 _SPLIT_SEED = 0
@@ -75,3 +88,43 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "label": int(labels[index]),
                 "index": int(index),
             }
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str):
+    """Holds an advisory lock on `path` (created if missing) until the block ends."""
+    with open(path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def prepare_digits(data_dir: str | None) -> tuple[Digits, bool]:
+    """The prepared digits builder in `data_dir` (TFDS's default when None).
+
+    Several processes may call this at once: the first to take the lock file
+    `<data_dir>/digits.lock` prepares the array_record files, the others wait for it and
+    then read what it wrote. Remote directories (gs://...) are not locked: there every
+    process prepares into its own temporary directory and TFDS's rename into place keeps
+    readers from seeing a partial set.
+
+    Returns:
+      (builder, prepared_here): prepared_here is True when this call wrote the files.
+    """
+    builder = Digits(data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder, False
+    root = os.fspath(builder.data_dir_root)
+    if fcntl is None or "://" in root:
+        builder.download_and_prepare()
+        return builder, True
+    os.makedirs(root, exist_ok=True)
+    with _exclusive_lock(os.path.join(root, "digits.lock")):
+        # A new builder: another process may have prepared the set while this one waited.
+        builder = Digits(data_dir=data_dir, file_format="array_record")
+        prepared_here = not builder.is_prepared()
+        if prepared_here:
+            builder.download_and_prepare()
+    return Digits(data_dir=data_dir, file_format="array_record"), prepared_here

@@ -23,12 +23,16 @@ channels and 0.5/0.5 otherwise.
 
 TFDS data sets are read with `tfds.data_source`, so they must be prepared as
 array_record files (`tfds build NAME --file_format=array_record --data_dir=DIR`); no
-TensorFlow is needed to train.
+TensorFlow is needed to train. TFDS's image decoding is skipped: the JPEGs are decoded
+in the transforms, together with the crop (`preprocessing.crop_and_resize`). Batches
+hold uint8 images; the jitted steps normalise them on the devices with
+`DatasetInfo.mean` and `DatasetInfo.std`.
 """
 
 import dataclasses
 import math
 import numbers
+from typing import Iterator
 
 import chex
 from absl import flags
@@ -79,47 +83,48 @@ class DatasetInfo:
     channels: int
     num_train_examples: int
     num_eval_examples: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
-def _image(example) -> np.ndarray:
-    """The example's image as uint8 [height, width, channels]."""
-    image = np.asarray(example["image"])
+def _image(example):
+    """The example's image: uint8 [height, width, channels], or its encoded bytes."""
+    image = example["image"]
+    if preprocessing.is_encoded(image):
+        return image
+    image = np.asarray(image)
     return image[..., None] if image.ndim == 2 else image
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainPreprocess(grain.RandomMapTransform):
-    """A TFDS example -> {'image': float32 [size, size, channels], 'label': int32 []}."""
+    """A TFDS example -> {'image': uint8 [size, size, channels], 'label': int32 []}."""
 
     augment: str
     image_size: int
     channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     def random_map(self, example, rng: np.random.Generator):
         image = preprocessing.preprocess_for_train(
             _image(example), rng, augment=self.augment, image_size=self.image_size,
-            mean=self.mean, std=self.std)
+            channels=self.channels)
         chex.assert_shape(image, (self.image_size, self.image_size, self.channels))
         return {"image": image, "label": np.int32(example["label"])}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess(grain.MapTransform):
-    """A padded example -> {'image': float32 [size, size, channels], 'label': int32 [],
+    """A padded example -> {'image': uint8 [size, size, channels], 'label': int32 [],
     'mask': float32 []}."""
 
     augment: str
     image_size: int
     channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     def map(self, example):
         image = preprocessing.preprocess_for_eval(
             _image(example), augment=self.augment, image_size=self.image_size,
-            mean=self.mean, std=self.std)
+            channels=self.channels)
         chex.assert_shape(image, (self.image_size, self.image_size, self.channels))
         return {"image": image, "label": np.int32(example["label"]),
                 "mask": np.float32(example["mask"])}
@@ -160,6 +165,56 @@ class PaddedShard:
                 f"length={self._length})")
 
 
+class EvalBatches:
+    """Calling it gives one pass over this host's evaluation batches.
+
+    One iterator over the batches repeated without end serves every pass, so grain's
+    worker processes start at the first evaluation and serve all later ones (and
+    prepare the first batches of the next pass while training runs). A pass left
+    unfinished is completed, unseen, at the start of the next, so each pass starts at
+    the first batch. One pass at a time.
+
+    Args:
+      dataset: a `grain.MapDataset` of `num_batches` batches, one pass.
+      num_batches: batches per pass.
+      num_workers: grain worker processes; 0 preprocesses in this process.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, num_batches: int, num_workers: int):
+        self.num_batches = num_batches
+        self._dataset = dataset.repeat(None)
+        self._num_workers = num_workers
+        self._iterator = None
+        self._taken = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._iterator is None:
+            dataset = self._dataset.to_iter_dataset()
+            if self._num_workers:
+                dataset = dataset.mp_prefetch(
+                    grain.MultiprocessingOptions(num_workers=self._num_workers))
+            self._iterator = iter(dataset)
+        return self._one_pass(self._iterator)
+
+    def _one_pass(self, iterator):
+        for _ in range(-self._taken % self.num_batches):
+            next(iterator)
+            self._taken += 1
+        for _ in range(self.num_batches):
+            batch = next(iterator)
+            self._taken += 1
+            yield batch
+
+    def close(self) -> None:
+        """Stops the worker processes; a later call starts new ones."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator, self._taken = None, 0
+
+
 def _base_name(dataset: str) -> str:
     return dataset.split("/")[0].split(":")[0]
 
@@ -180,10 +235,7 @@ def _not_prepared_error(name: str, builder) -> FileNotFoundError:
 def _builder(name: str, data_dir):
     """The TFDS builder for `name`; the built-in digits are prepared on first use."""
     if _base_name(name) == "digits":
-        builder = builtin.Digits(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare()
-        return builder
+        return builtin.prepare_digits(data_dir)[0]
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
@@ -200,10 +252,35 @@ def _builder(name: str, data_dir):
     return builder
 
 
+def _skip_image_decoding(builder) -> dict | None:
+    """TFDS decoders that leave every Image feature as its encoded bytes."""
+    decoders = {key: tfds.decode.SkipDecoding()
+                for key, feature in builder.info.features.items()
+                if isinstance(feature, tfds.features.Image)}
+    return decoders or None
+
+
+def _undecoded_source(builder, split: str):
+    """`builder.as_data_source`, with Image features left encoded where possible."""
+    decoders = _skip_image_decoding(builder)
+    source = builder.as_data_source(split=split, decoders=decoders)
+    if decoders and len(source):
+        try:
+            source[0]
+        except ImportError:
+            # tfds.testing.mock_data encodes its random images with TensorFlow when
+            # decoding is skipped: read them decoded instead.
+            return builder.as_data_source(split=split)
+    return source
+
+
 def _data_source(name: str, builder, split: str):
-    """The random-access source of one split, with errors that say how to fix them."""
+    """The random-access source of one split, with errors that say how to fix them.
+
+    Image features come undecoded (their encoded bytes): the transforms decode them
+    together with the crop."""
     try:
-        return builder.as_data_source(split=split)
+        return _undecoded_source(builder, split)
     except (NotImplementedError, ValueError, AssertionError) as error:
         if not builder.is_prepared():
             raise _not_prepared_error(name, builder) from error
@@ -263,14 +340,16 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
       (train_loader, eval_fn, info).
       train_loader: a checkpointable `grain.DataLoader` over this host's shard of the
         training split, shuffled with `seed`, repeating forever. Its batches are
-        {'image': float32 [host_batch, image_size, image_size, channels],
+        {'image': uint8 [host_batch, image_size, image_size, channels],
          'label': int32 [host_batch]}, host_batch = batch_size // shard count.
-      eval_fn: () -> a fresh iterator over this host's shard of the whole evaluation
-        split, once: {'image': float32 [host_eval_batch, image_size, image_size,
-        channels], 'label': int32 [host_eval_batch], 'mask': float32
+      eval_fn: an `EvalBatches`; eval_fn() -> an iterator over this host's shard of the
+        whole evaluation split, once: {'image': uint8 [host_eval_batch, image_size,
+        image_size, channels], 'label': int32 [host_eval_batch], 'mask': float32
         [host_eval_batch]} (mask 0 for the padding that fills the last batches;
-        every host yields the same number of batches).
-      info: DatasetInfo.
+        every host yields the same number of batches). Its worker processes last
+        across calls; `eval_fn.close()` stops them.
+      info: DatasetInfo; `info.mean` and `info.std` (per channel, of the [0, 1] pixels)
+        are what the steps normalise the uint8 images with.
     """
     shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=False)
     process_count = shard_options.shard_count
@@ -282,8 +361,7 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
     train_source = _data_source(name, builder, config.get("train_split") or defaults.train_split)
     eval_source = _data_source(name, builder, config.get("eval_split") or defaults.eval_split)
     steps = dict(augment=config.get("augment") or defaults.augment,
-                 image_size=config.image_size, channels=channels, mean=defaults.mean,
-                 std=defaults.std)
+                 image_size=config.image_size, channels=channels)
     num_workers = config.get("num_workers", 0)
     if num_workers and not flags.FLAGS.is_parsed():
         # grain 0.2.18's worker processes read one of its absl flags and fail when no
@@ -309,12 +387,7 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
             PaddedShard(eval_source, start, end, num_eval_batches * host_eval_batch))
         .map(EvalPreprocess(**steps))
         .batch(host_eval_batch))
-
-    def eval_fn():
-        dataset = eval_dataset.to_iter_dataset()
-        if num_workers:
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-        return iter(dataset)
+    eval_fn = EvalBatches(eval_dataset, num_eval_batches, num_workers)
 
     info = DatasetInfo(
         num_classes=builder.info.features["label"].num_classes,
@@ -322,5 +395,7 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
         channels=channels,
         num_train_examples=len(train_source),
         num_eval_examples=num_eval,
+        mean=defaults.mean,
+        std=defaults.std,
     )
     return train_loader, eval_fn, info

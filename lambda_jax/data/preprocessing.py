@@ -1,13 +1,18 @@
 """Image preprocessing on the host: one function per step, numpy and PIL only.
 
-Every function takes and returns one image, `uint8 [height, width, channels]` until
-`normalize`, which returns `float32 [height, width, channels]`. Random steps take a
-`np.random.Generator` (grain hands one per record, derived from the loader's seed), so
-a pipeline is deterministic given its seed. No TensorFlow: the images come decoded
-from TFDS array_record files and ImageNet's are of every size, so cropping and resizing
-happen here, inside grain's transforms, on the host.
+Every function returns one image, `uint8 [height, width, channels]`. The cropping steps
+also take the encoded bytes of a JPEG or PNG (TFDS's `Image` features read with their
+decoding skipped): they read the image size from the header, choose the crop box, then
+decode and crop in one step, with a reduced-size JPEG decode (1/2, 1/4 or 1/8 of the
+size, done in the DCT) whenever the crop still has at least `size` pixels a side at
+that scale. Random steps take a `np.random.Generator` (grain hands one per record,
+derived from the loader's seed), so a pipeline is deterministic given its seed.
+Normalisation happens on the accelerator, inside the jitted step
+(`lambda_jax.train.steps.normalize_images`): the host sends uint8, a quarter of the
+bytes of float32.
 """
 
+import io
 import math
 
 import numpy as np
@@ -23,21 +28,88 @@ AREA_RANGE = (0.08, 1.0)
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 MAX_CROP_ATTEMPTS = 10
 CIFAR_PADDING = 4
+PIL_MODES = {1: "L", 3: "RGB"}
 
 
-def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int,
-                    resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+def is_encoded(image) -> bool:
+    """Whether `image` holds encoded bytes (a JPEG, a PNG, ...) rather than pixels."""
+    return isinstance(image, (bytes, np.bytes_)) or (
+        isinstance(image, np.ndarray) and image.dtype.kind in "SO")
+
+
+def _open(encoded) -> Image.Image:
+    """A lazily decoded PIL image: only the header is read until pixels are needed."""
+    data = encoded.item() if isinstance(encoded, np.ndarray) else encoded
+    return Image.open(io.BytesIO(bytes(data)))
+
+
+def image_shape(image) -> tuple[int, int]:
+    """(height, width) of pixels uint8 [height, width, channels] or of encoded bytes
+    (read from the header, nothing decoded)."""
+    if is_encoded(image):
+        width, height = _open(image).size
+        return height, width
+    return image.shape[:2]
+
+
+def decode(encoded, channels: int) -> np.ndarray:
+    """Decodes a whole image.
+
+    Args:
+      encoded: the bytes of a JPEG, PNG or any format PIL reads.
+      channels: 1 (grey) or 3 (RGB); other modes are converted.
+
+    Returns:
+      uint8 [height, width, channels].
+    """
+    image = np.asarray(_open(encoded).convert(_pil_mode(channels)))
+    return image[..., None] if image.ndim == 2 else image
+
+
+def _pil_mode(channels: int) -> str:
+    if channels not in PIL_MODES:
+        raise ValueError(f"Encoded images decode to 1 or 3 channels, not {channels}; store "
+                         f"images of other channel counts as uint8 arrays.")
+    return PIL_MODES[channels]
+
+
+def _decode_crop_and_resize(encoded, box, size: int, channels: int, resample) -> np.ndarray:
+    """`crop_and_resize` of encoded bytes, decoding at the smallest JPEG scale that keeps
+    at least `size` pixels across the crop."""
+    top, left, crop_height, crop_width = box
+    image = _open(encoded)
+    width, height = image.size
+    if image.format == "JPEG":
+        # draft picks the largest reduction (1/8, 1/4, 1/2) whose decode is at least this size.
+        image.draft(_pil_mode(channels), (math.ceil(width * size / crop_width),
+                                          math.ceil(height * size / crop_height)))
+    if image.mode != _pil_mode(channels):
+        image = image.convert(_pil_mode(channels))
+    scale_x, scale_y = image.size[0] / width, image.size[1] / height
+    pil_box = (left * scale_x, top * scale_y, (left + crop_width) * scale_x,
+               (top + crop_height) * scale_y)
+    resized = np.asarray(image.resize((size, size), resample, pil_box))
+    return resized[..., None] if resized.ndim == 2 else resized
+
+
+def crop_and_resize(image, box: tuple[int, int, int, int], size: int,
+                    resample: Image.Resampling = Image.Resampling.BICUBIC, *,
+                    channels: int = 3) -> np.ndarray:
     """Crops `box` out of `image` and resizes it to `size` x `size` in one step.
 
     Args:
-      image: uint8 [height, width, channels].
+      image: uint8 [height, width, channels], or encoded bytes, decoded here with the
+        crop (a reduced-size JPEG decode where the crop allows).
       box: (top, left, crop_height, crop_width) in pixels, inside the image.
       size: output height and width.
       resample: PIL filter.
+      channels: channels to decode encoded bytes to (1 or 3); unused for pixels.
 
     Returns:
       uint8 [size, size, channels].
     """
+    if is_encoded(image):
+        return _decode_crop_and_resize(image, box, size, channels, resample)
     top, left, crop_height, crop_width = box
     height, width, channels = image.shape
     if box == (0, 0, height, width) and (height, width) == (size, size):
@@ -55,36 +127,30 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
     return np.stack(planes, axis=-1)
 
 
-def resize(image: np.ndarray, size: int,
-           resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+def resize(image, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR, *,
+           channels: int = 3) -> np.ndarray:
     """Resizes the whole image to `size` x `size` (no-op when it already is).
 
     Args:
-      image: uint8 [height, width, channels].
+      image: uint8 [height, width, channels], or encoded bytes (see `crop_and_resize`).
+      channels: channels to decode encoded bytes to.
 
     Returns:
       uint8 [size, size, channels].
     """
-    height, width, _ = image.shape
-    return crop_and_resize(image, (0, 0, height, width), size, resample)
+    height, width = image_shape(image)
+    return crop_and_resize(image, (0, 0, height, width), size, resample, channels=channels)
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Inception-style crop: a random area fraction and aspect ratio, resized to `size`.
+def random_crop_box(height: int, width: int, rng: np.random.Generator):
+    """The Inception-style crop box of an image, or None when no attempt fit.
 
     Samples an area in AREA_RANGE of the image and a log-uniform aspect ratio in
-    ASPECT_RATIO_RANGE, up to MAX_CROP_ATTEMPTS times until the crop fits; otherwise
-    falls back to the evaluation's central crop.
-
-    Args:
-      image: uint8 [height, width, channels].
-      rng: the record's generator.
-      size: output height and width.
+    ASPECT_RATIO_RANGE, up to MAX_CROP_ATTEMPTS times until the crop fits.
 
     Returns:
-      uint8 [size, size, channels].
+      (top, left, crop_height, crop_width), or None.
     """
-    height, width, _ = image.shape
     area = height * width
     log_ratio = (math.log(ASPECT_RATIO_RANGE[0]), math.log(ASPECT_RATIO_RANGE[1]))
     for _ in range(MAX_CROP_ATTEMPTS):
@@ -95,25 +161,54 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) 
         if 0 < crop_width <= width and 0 < crop_height <= height:
             top = int(rng.integers(0, height - crop_height + 1))
             left = int(rng.integers(0, width - crop_width + 1))
-            return crop_and_resize(image, (top, left, crop_height, crop_width), size)
-    return central_crop_and_resize(image, size)
+            return top, left, crop_height, crop_width
+    return None
 
 
-def central_crop_and_resize(image: np.ndarray, size: int) -> np.ndarray:
+def central_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
     """The evaluation crop: a centred square of size/(size+CROP_PADDING) of the shorter side.
 
+    Returns:
+      (top, left, crop, crop).
+    """
+    crop = max(1, int(round(size / (size + CROP_PADDING) * min(height, width))))
+    return (height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop
+
+
+def random_resized_crop(image, rng: np.random.Generator, size: int, *,
+                        channels: int = 3) -> np.ndarray:
+    """Inception-style crop (`random_crop_box`) resized to `size`; the evaluation's
+    central crop when no sampled box fits.
+
     Args:
-      image: uint8 [height, width, channels].
+      image: uint8 [height, width, channels], or encoded bytes: the box is sampled from
+        the header's size and only then decoded, with the crop (see `crop_and_resize`).
+      rng: the record's generator.
       size: output height and width.
+      channels: channels to decode encoded bytes to.
 
     Returns:
       uint8 [size, size, channels].
     """
-    height, width, _ = image.shape
-    crop = max(1, int(round(size / (size + CROP_PADDING) * min(height, width))))
-    top = (height - crop + 1) // 2
-    left = (width - crop + 1) // 2
-    return crop_and_resize(image, (top, left, crop, crop), size)
+    height, width = image_shape(image)
+    box = random_crop_box(height, width, rng) or central_crop_box(height, width, size)
+    return crop_and_resize(image, box, size, channels=channels)
+
+
+def central_crop_and_resize(image, size: int, *, channels: int = 3) -> np.ndarray:
+    """`central_crop_box` resized to `size` x `size`.
+
+    Args:
+      image: uint8 [height, width, channels], or encoded bytes (see `crop_and_resize`).
+      size: output height and width.
+      channels: channels to decode encoded bytes to.
+
+    Returns:
+      uint8 [size, size, channels].
+    """
+    height, width = image_shape(image)
+    return crop_and_resize(image, central_crop_box(height, width, size), size,
+                           channels=channels)
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -145,56 +240,40 @@ def pad_and_random_crop(image: np.ndarray, rng: np.random.Generator,
     return padded[top:top + height, left:left + width]
 
 
-def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """Scales to [0, 1], then subtracts the per-channel mean and divides by the std.
-
-    Args:
-      image: uint8 [height, width, channels].
-      mean, std: per-channel statistics of the [0, 1] pixels, length 1 or channels.
-
-    Returns:
-      float32 [height, width, channels].
-    """
-    scaled = image.astype(np.float32) / np.float32(255)
-    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def preprocess_for_train(image: np.ndarray, rng: np.random.Generator, *, augment: str,
-                         image_size: int, mean, std) -> np.ndarray:
+def preprocess_for_train(image, rng: np.random.Generator, *, augment: str, image_size: int,
+                         channels: int) -> np.ndarray:
     """The training steps for one image.
 
     'imagenet': random_resized_crop, random_flip; 'cifar': resize, pad_and_random_crop,
-    random_flip; 'none': resize. Then normalize.
+    random_flip; 'none': resize.
 
     Args:
-      image: uint8 [height, width, channels].
+      image: uint8 [height, width, channels], or encoded bytes.
+      channels: the output's channels (encoded bytes are decoded to them).
 
     Returns:
-      float32 [image_size, image_size, channels].
+      uint8 [image_size, image_size, channels].
     """
     if augment == "imagenet":
-        image = random_flip(random_resized_crop(image, rng, image_size), rng)
-    elif augment == "cifar":
-        image = random_flip(pad_and_random_crop(resize(image, image_size), rng), rng)
-    else:
-        image = resize(image, image_size)
-    return normalize(image, mean, std)
+        return random_flip(random_resized_crop(image, rng, image_size, channels=channels), rng)
+    image = resize(image, image_size, channels=channels)
+    if augment == "cifar":
+        return random_flip(pad_and_random_crop(image, rng), rng)
+    return image
 
 
-def preprocess_for_eval(image: np.ndarray, *, augment: str, image_size: int, mean,
-                        std) -> np.ndarray:
+def preprocess_for_eval(image, *, augment: str, image_size: int, channels: int) -> np.ndarray:
     """The evaluation steps for one image, matching `preprocess_for_train`'s `augment`.
 
-    'imagenet': central_crop_and_resize; 'cifar' and 'none': resize. Then normalize.
+    'imagenet': central_crop_and_resize; 'cifar' and 'none': resize.
 
     Args:
-      image: uint8 [height, width, channels].
+      image: uint8 [height, width, channels], or encoded bytes.
+      channels: the output's channels (encoded bytes are decoded to them).
 
     Returns:
-      float32 [image_size, image_size, channels].
+      uint8 [image_size, image_size, channels].
     """
     if augment == "imagenet":
-        image = central_crop_and_resize(image, image_size)
-    else:
-        image = resize(image, image_size)
-    return normalize(image, mean, std)
+        return central_crop_and_resize(image, image_size, channels=channels)
+    return resize(image, image_size, channels=channels)

@@ -78,10 +78,13 @@ class PreemptionGuard:
 
 def evaluate(p_eval_step, state: TrainState, eval_fn, parallel: DataParallel) -> dict[str, float]:
     """One pass over the eval set: ``eval_loss``, ``eval_top1``, ``eval_top5`` (fractions)."""
+    from lambda_jax.data import DevicePrefetcher
+
     totals = None
-    for batch in eval_fn():
-        sums = p_eval_step(state, parallel.shard_batch(batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    with DevicePrefetcher(eval_fn(), parallel.shard_batch) as batches:
+        for batch in batches:
+            sums = p_eval_step(state, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("The eval set is empty; check config.eval_split.")
     totals = parallel.to_host(totals)
@@ -179,7 +182,7 @@ def train_and_evaluate(
       NonFiniteError: the loss became NaN or infinite; the newest checkpoint predates it.
     """
     from lambda_jax import create_model
-    from lambda_jax.data import create_datasets
+    from lambda_jax.data import DevicePrefetcher, create_datasets
 
     parallel = DataParallel(config.parallelism, devices)
     validate_config(config, parallel)
@@ -250,16 +253,19 @@ def train_and_evaluate(
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     start_step = int(host_state.step)
+    # Checkpoints take the prefetcher's position: that of the batches handed out.
+    train_iter = DevicePrefetcher(train_iter, parallel.shard_batch)
     state = parallel.replicate(host_state)
     del host_state
 
     p_train_step = parallel.map_train_step(functools.partial(
         train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
         num_classes=info.num_classes, label_smoothing=config.label_smoothing,
-        ema_decay=config.ema_decay, axis_name=AXIS,
+        ema_decay=config.ema_decay, axis_name=AXIS, mean=info.mean, std=info.std,
     ))
     p_eval_step = parallel.map_eval_step(functools.partial(
         eval_step, model=model, num_classes=info.num_classes, axis_name=AXIS,
+        mean=info.mean, std=info.std,
     ))
 
     writer = metrics_lib.MetricWriter(workdir)
@@ -277,7 +283,7 @@ def train_and_evaluate(
     try:
         with PreemptionGuard() as guard:
             while step < num_train_steps:
-                batch = parallel.shard_batch(next(train_iter))
+                batch = next(train_iter)
                 state, step_metrics = p_train_step(state, batch, dropout_rng)
                 pending.append(step_metrics)
                 step += 1
@@ -322,6 +328,8 @@ def train_and_evaluate(
             eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
         checkpointer.wait()
     finally:
+        train_iter.close()
+        eval_fn.close()
         checkpointer.close()
         writer.close()
     result = {**last, **(eval_metrics or {}), "step": step, "preempted": preempted}

@@ -7,7 +7,7 @@ devices with ``jax.pmap`` or ``jax.jit(jax.shard_map(...))``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -56,6 +56,39 @@ def create_train_state(
     )
 
 
+def normalize_images(
+    images: jax.Array,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """The model's input from a batch of images, on the device.
+
+    Args:
+      images: ``[batch, height, width, channels]``: uint8 pixels as the input pipeline
+        sends them, or floating-point images already normalised.
+      mean, std: per-channel statistics of the ``[0, 1]`` pixels, length 1 or
+        ``channels`` (``lambda_jax.data.DatasetInfo.mean`` and ``.std``); required for
+        uint8 images, ignored for floating-point ones.
+      dtype: the dtype returned.
+
+    Returns:
+      ``[batch, height, width, channels]`` of ``dtype``: ``(images / 255 - mean) / std``
+      computed in float32, for uint8 input; floating-point input cast to ``dtype``.
+    """
+    chex.assert_rank(images, 4)
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images.astype(dtype)
+    if images.dtype != jnp.uint8:
+        raise TypeError(f"images must be uint8 pixels or floating point, got {images.dtype}.")
+    if mean is None or std is None:
+        raise ValueError("uint8 images need the data set's mean and std to be normalised: "
+                         "pass mean=info.mean, std=info.std to the step.")
+    scaled = images.astype(jnp.float32) / jnp.float32(255)
+    normalized = (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return normalized.astype(dtype)
+
+
 def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """``[batch]`` float32, 1 where the label is among the ``k`` largest logits."""
     _, top = lax.top_k(logits, k)
@@ -74,22 +107,27 @@ def train_step(
     label_smoothing: float,
     ema_decay: float,
     axis_name: str,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    input_dtype: jnp.dtype = jnp.float32,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on this device's share of the batch.
 
     Args:
       state: the replicated train state.
-      batch: ``image`` ``[per_device_batch, height, width, channels]`` float32 and
-        ``label`` ``[per_device_batch]`` int32.
+      batch: ``image`` ``[per_device_batch, height, width, channels]`` uint8 (normalised
+        here with ``mean`` and ``std``) or floating point (used as given), and ``label``
+        ``[per_device_batch]`` int32.
       rng: base dropout key; folded with the step and the device index.
       axis_name: the mapped device axis; gradients, loss and batch-norm statistics are
         averaged over it, so every device ends with the same state.
+      mean, std, input_dtype: see :func:`normalize_images`.
 
     Returns:
       The new state and scalar metrics ``loss``, ``accuracy``, ``learning_rate``.
     """
-    images, labels = batch["image"], batch["label"]
-    chex.assert_rank(images, 4)
+    images = normalize_images(batch["image"], mean, std, input_dtype)
+    labels = batch["label"]
     chex.assert_shape(labels, (images.shape[0],))
     dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(axis_name))
 
@@ -139,16 +177,21 @@ def eval_step(
     model: nn.Module,
     num_classes: int,
     axis_name: str,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    input_dtype: jnp.dtype = jnp.float32,
 ) -> dict[str, jax.Array]:
     """Sums of eval metrics over this device's share of a padded batch, summed over devices.
 
     Evaluates the EMA weights. ``batch`` holds ``image``
-    ``[per_device_batch, height, width, channels]``, ``label`` ``[per_device_batch]`` and
-    ``mask`` ``[per_device_batch]`` (0 for padding). Returns scalar sums ``loss`` (cross
-    entropy without label smoothing), ``top1``, ``top5`` and ``count``.
+    ``[per_device_batch, height, width, channels]`` (uint8, normalised here with ``mean``
+    and ``std`` as by :func:`normalize_images`, or floating point), ``label``
+    ``[per_device_batch]`` and ``mask`` ``[per_device_batch]`` (0 for padding). Returns
+    scalar sums ``loss`` (cross entropy without label smoothing), ``top1``, ``top5`` and
+    ``count``.
     """
-    images, labels = batch["image"], batch["label"]
-    chex.assert_rank(images, 4)
+    images = normalize_images(batch["image"], mean, std, input_dtype)
+    labels = batch["label"]
     chex.assert_equal_shape((labels, batch["mask"]))
     logits = model.apply(
         {"params": state.ema_params, "batch_stats": state.ema_batch_stats}, images, train=False
