@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 
 import chex
@@ -287,6 +288,24 @@ def test_every_resnet_records_its_stride_pool():
     assert set(_lambda_layer_settings(old, jnp.zeros((1, 16, 16, 3))).values()) == {
         ("auto", "3x3")}  # the layers do not stride: the blocks pool (tests/test_pooling.py)
     assert old.stride_pool == "3x3_symmetric"
+
+
+def test_model_settings_record_what_the_model_computes():
+    settings = lambda_jax.models.model_settings(
+        lambda_jax.create_model("lambda_resnet_tiny", dtype=jnp.bfloat16))
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["stride_pool"] == "3x3" and settings["dtype"] == "bfloat16"
+    assert settings["stage_slots"][3][0] == {
+        "kind": "lambda", "dim_k": 16, "heads": 4, "dim_u": 1, "position": "local",
+        "receptive_field": 5, "shared_embeddings": False, "implementation": None}
+    old = lambda_jax.create_model("lambda_resnet_tiny", dtype=jnp.bfloat16,
+                                  stride_pool="3x3_symmetric")
+    assert lambda_jax.models.model_settings(old) == {**settings, "stride_pool": "3x3_symmetric"}
+    assert lambda_jax.models.model_settings(
+        lambda_jax.create_model("resnet50_placement_llll")) == lambda_jax.models.model_settings(
+        lambda_jax.create_model("resnet50_lambda_table3"))
+    timm = lambda_jax.models.model_settings(lambda_jax.create_model("lambda_resnet26t"))
+    assert timm["stage_blocks"][2] == ["bottle", "self_attn"] and timm["dtype"] == "float32"
 
 
 def test_a_new_slot_kind_is_one_class(monkeypatch):

@@ -8,6 +8,7 @@ from lambda_jax.models.registry import (
     create_model,
     list_models,
     model_aliases,
+    model_settings,
     register_alias,
     register_model,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "create_model",
     "list_models",
     "model_aliases",
+    "model_settings",
     "register_alias",
     "register_model",
 ]

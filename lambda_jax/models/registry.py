@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -74,6 +75,35 @@ def register_alias(alias: str, name: str) -> None:
     if name not in _FACTORIES:
         raise ValueError(f"Cannot alias {alias!r} to {name!r}: no model is registered as {name!r}.")
     _ALIASES[alias] = name
+
+
+def _json_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = getattr(type(value), "kind", type(value).__name__)
+        return {"kind": kind, **{field.name: _json_value(getattr(value, field.name))
+                                 for field in dataclasses.fields(value)}}
+    if isinstance(value, Mapping):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return repr(value)
+
+
+def model_settings(model: nn.Module) -> dict[str, Any]:
+    """Every field of ``model`` as JSON-ready values, to record with what it was trained.
+
+    Slots become ``{"kind": ..., **their fields}``, sequences lists and dtypes their names
+    (``"bfloat16"``). Models with equal settings are the same model (an alias gives its
+    model's), so a training run can store them with its checkpoints and refuse to resume
+    with a model that computes something else, e.g. a ``ResNet`` of another ``stride_pool``.
+    """
+    return {field.name: _json_value(getattr(model, field.name))
+            for field in dataclasses.fields(model) if field.name not in ("parent", "name")}
 
 
 def list_models(include_aliases: bool = False) -> list[str]:
