@@ -163,11 +163,10 @@ def test_ablation_row_k8_h16_has_the_documented_count():
     assert _count("resnet50_lambda_k8_h16_u1") > _count("resnet50_lambda_k8_h8_u1")
 
 
-# SAN's own networks (SAN's README) and the ResNet-50 hybrid with SAN's layer (our count).
 @pytest.mark.parametrize("name,millions", [
-    ("san10_patchwise", 11.8),
-    ("san15_patchwise", 16.2),
-    ("resnet50_san_patchwise", 17.15),
+    ("san10_patchwise", 11.8),  # SAN's README
+    ("san15_patchwise", 16.2),  # SAN's README
+    ("resnet50_san_patchwise", 17.15),  # our count: a hybrid, in no paper
 ])
 def test_san_parameter_counts(name, millions):
     count = _count(name)

@@ -216,8 +216,8 @@ class TimmLambdaResNet(nn.Module):
 _TIERED_26 = (("bottle",) * 2, ("bottle",) * 2, ("bottle", "self_attn"), ("self_attn",) * 2)
 
 # The TimmLambdaResNet fields of each name, with timm's description; timm's weights are
-# for 256x256 images. Parameters of timm's models (timm 1.0.31, counted): 10.96M, 21.54M and
-# 10.99M.
+# for 256x256 images.
+# Parameters of timm's models, counted with timm 1.0.31: 10.96M, 21.54M, 10.99M.
 CONFIGS: dict[str, dict[str, Any]] = {
     "lambda_resnet26t": dict(
         stage_blocks=_TIERED_26, position="local",

@@ -138,8 +138,8 @@ _register(
 _register(
     "resnet50_se_table3",
     "ResNet-50 with squeeze-excitation (Hu et al. 2018, reduction 16, with biases) after the "
-    "last batch norm of every block, Table 3 row 'conv + channel attention'; 28.1M parameters "
-    "in Table 3.",
+    "last batch norm of every block, Table 3 row 'conv + channel attention'; "
+    "28.1M parameters in Table 3.",
     224,
     se_ratio=1 / 16,
 )
@@ -147,8 +147,8 @@ _register(
     "resnet50_lambda_table3",
     "ResNet-50 with a lambda layer in every 3x3 slot (Table 3 row 'lambda layer', placement "
     "row L-L-L-L, ablation row k=16, h=4, u=1; aliases resnet50_placement_llll and "
-    "resnet50_lambda_k16_h4_u1): k=16, h=4, u=1, 23x23 lambda convolution; 15.0M parameters "
-    "in Table 3.",
+    "resnet50_lambda_k16_h4_u1): k=16, h=4, u=1, 23x23 lambda convolution; "
+    "15.0M parameters in Table 3.",
     224,
     stage_slots=(TABLE3_LAMBDA,) * 4,
 )

@@ -86,8 +86,10 @@ class Slot:
     kind: ClassVar[str]
     strides_itself: ClassVar[bool] = False
 
-    def __init_subclass__(cls, *, kind: str, **kwargs: Any):
+    def __init_subclass__(cls, *, kind: Optional[str] = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)
+        if kind is None:  # a variant of its parent's kind, not a kind of its own
+            return
         if kind in _SLOT_CLASSES:
             raise ValueError(f"A slot kind named {kind!r} already exists: {_SLOT_CLASSES[kind]}.")
         cls.kind = kind
