@@ -279,7 +279,8 @@ def test_bad_lambda_implementation_or_stride_pool_fails_at_create_model():
 def test_every_resnet_records_its_stride_pool():
     resnets = [name for name in lambda_jax.list_models()
                if isinstance(lambda_jax.create_model(name), ResNet)]
-    assert len(resnets) == 49
+    assert {"resnet50", "lambda_resnet50", "lambda_resnet_tiny"} <= set(resnets)
+    assert not {"san19_patchwise", "lambda_resnet26t"} & set(resnets)
     for name in resnets:
         assert ARCHITECTURES[name]["stride_pool"] == "3x3", name
         assert lambda_jax.create_model(name).stride_pool == "3x3", name
