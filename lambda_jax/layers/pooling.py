@@ -25,7 +25,8 @@ stem's 3x3/2 max pool in ``resnet_generator`` (``tf.layers.max_pooling2d(...,
 padding='SAME')``). Only its strided convolutions are padded symmetrically, by
 ``fixed_padding`` (called by ``conv2d_fixed_padding``), which is ``tf.pad`` with zeros: an
 average pool written that way would count the zeros in its means, which neither padding
-here does. So a 3x3 average pool in that code base is ``"SAME"``: ``"3x3"``.
+here does. The 3x3 average pool most likely written in that code base is therefore the
+``"SAME"`` one, ``"3x3"``; this is an inference from the surrounding code, not a quote.
 """
 
 from __future__ import annotations
