@@ -1,11 +1,16 @@
 """Tests of the model zoo: names, parameter counts against the paper, shapes, training."""
 
+import dataclasses
 import functools
+import hashlib
+import json
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -24,7 +29,9 @@ from lambda_jax.models import (
     SANBlock,
     SANSlot,
     registry,
+    resnet,
 )
+
 
 def _key(seed):
     # RBG keys: compiling threefry random bits takes seconds per shape on a CPU, and the
@@ -32,31 +39,103 @@ def _key(seed):
     return jax.random.key(seed, impl="rbg")
 
 
-# (name, parameters in millions as printed in the paper's tables).
+_ABLATION = "the paper's ablation table over k, h, u, as leaderj1001/LambdaNetworks' README lists it"
+# (name, parameters in millions as printed, where they are printed).
 PAPER_PARAMETER_COUNTS = [
-    ("resnet50", 25.6),  # Table 3 'convolution'; placement C-C-C-C
-    ("resnet50_se_table3", 28.1),  # Table 3 'conv + channel attention'
-    ("resnet50_lambda_table3", 15.0),  # Table 3 'lambda layer'; placement L-L-L-L
-    ("resnet50_lambda_u4_table3", 16.0),  # Table 3 'lambda layer, u=4'
-    ("resnet50_local_attention_table3", 18.0),  # Table 3 'local relative self-attention'
-    ("resnet50_augmented_attention_table3", 25.8),  # Table 3 'conv + relative self-attention'
-    ("san19_patchwise", 20.5),  # Table 3 'local relative self-attention (Zhao)': SAN19
-    ("resnet50_placement_cccc", 25.6),
-    ("resnet50_placement_lccc", 25.5),
-    ("resnet50_placement_llcc", 25.0),
-    ("resnet50_placement_lllc", 21.7),
-    ("resnet50_placement_llll", 15.0),
-    ("resnet50_placement_clll", 15.1),
-    ("resnet50_placement_ccll", 15.4),
-    ("resnet50_placement_cccl", 18.8),
-    # The ablation table over k, h and u: (k, h, u) -> millions, all but k=8, h=16, u=1
-    # (the paper's counts as leaderj1001/LambdaNetworks' README lists them).
-    *[(f"resnet50_lambda_k{k}_h{h}_u{u}", millions) for (k, h, u), millions in {
-        (8, 2, 1): 14.8, (2, 4, 1): 14.7, (4, 4, 1): 14.7, (8, 4, 1): 14.8, (16, 4, 1): 15.0,
-        (32, 4, 1): 15.4, (2, 8, 1): 14.7, (4, 8, 1): 14.7, (8, 8, 1): 14.7, (16, 8, 1): 15.1,
-        (32, 8, 1): 15.7, (8, 8, 4): 15.3, (8, 8, 8): 16.0, (16, 4, 4): 16.0,
-    }.items()],
+    ("resnet50", 25.6, "Table 3 'convolution'; placement table C-C-C-C"),
+    ("resnet50_se_table3", 28.1, "Table 3 'conv + channel attention'"),
+    ("resnet50_lambda_table3", 15.0, "Table 3 'lambda layer'; placement table L-L-L-L"),
+    ("resnet50_lambda_u4_table3", 16.0, "Table 3 'lambda layer, u=4'"),
+    ("resnet50_local_attention_table3", 18.0, "Table 3 'local relative self-attention'"),
+    ("resnet50_augmented_attention_table3", 25.8, "Table 3 'conv + relative self-attention'"),
+    ("san19_patchwise", 20.5, "Table 3 'local relative self-attention (Zhao 2020)'"),
+    ("resnet50_placement_lccc", 25.5, "placement table L-C-C-C"),
+    ("resnet50_placement_llcc", 25.0, "placement table L-L-C-C"),
+    ("resnet50_placement_lllc", 21.7, "placement table L-L-L-C"),
+    ("resnet50_placement_clll", 15.1, "placement table C-L-L-L"),
+    ("resnet50_placement_ccll", 15.4, "placement table C-C-L-L"),
+    ("resnet50_placement_cccl", 18.8, "placement table C-C-C-L"),
+    ("resnet50_lambda_k8_h2_u1", 14.8, _ABLATION),
+    ("resnet50_lambda_k2_h4_u1", 14.7, _ABLATION),
+    ("resnet50_lambda_k4_h4_u1", 14.7, _ABLATION),
+    ("resnet50_lambda_k8_h4_u1", 14.8, _ABLATION),
+    ("resnet50_lambda_k32_h4_u1", 15.4, _ABLATION),
+    ("resnet50_lambda_k2_h8_u1", 14.7, _ABLATION),
+    ("resnet50_lambda_k4_h8_u1", 14.7, _ABLATION),
+    ("resnet50_lambda_k8_h8_u1", 14.7, _ABLATION),
+    ("resnet50_lambda_k16_h8_u1", 15.1, _ABLATION),
+    ("resnet50_lambda_k32_h8_u1", 15.7, _ABLATION),
+    ("resnet50_lambda_k8_h8_u4", 15.3, _ABLATION),
+    ("resnet50_lambda_k8_h8_u8", 16.0, _ABLATION),
 ]
+
+# sha256 (first 16 hex digits) of the sorted "path:shape:dtype" lines of every variable,
+# and their number, at each model's resolution: the parameter paths checkpoints and the
+# converters rely on, recorded before slots built their own layers and names became aliases.
+VARIABLE_TREES = {
+    "attention_resnet26_cifar": ("f8598ed2981aa490", 163),
+    "lambda_resnet101": ("d95841759365e1c0", 735),
+    "lambda_resnet152": ("f6dd6ebeac1d15fe", 1091),
+    "lambda_resnet200": ("ffeae0498d4a1ac7", 1395),
+    "lambda_resnet26_cifar": ("687cffc2d58840d2", 191),
+    "lambda_resnet26rpt_256": ("6883180bcda8de9d", 190),
+    "lambda_resnet26t": ("7da6204271765dbc", 193),
+    "lambda_resnet270": ("f40eb40edb069025", 1862),
+    "lambda_resnet350": ("8742eb1bfa4f24a9", 2356),
+    "lambda_resnet38_cifar": ("f909af6705dae910", 284),
+    "lambda_resnet420": ("f1f1d56634156eff", 2815),
+    "lambda_resnet50": ("fbe08211508ae430", 390),
+    "lambda_resnet50ts": ("169f6739069202be", 337),
+    "lambda_resnet_tiny": ("33d70c0306ca010f", 109),
+    "resnet26_cifar": ("2d972aea96a7d183", 147),
+    "resnet50": ("ab7514fc75e4c558", 267),
+    "resnet50_augmented_attention_table3": ("d418c47496e064ce", 345),
+    "resnet50_axial_attention_table4": ("9c889085b3d08660", 379),
+    "resnet50_global_attention_table4": ("143f04262b00935a", 331),
+    "resnet50_lambda_conv7_table4": ("06c1df1b3b92617a", 443),
+    "resnet50_lambda_k16_h8_u1": ("b4518fc5603f2199", 443),
+    "resnet50_lambda_k2_h4_u1": ("55a5905c276c1cc1", 443),
+    "resnet50_lambda_k2_h8_u1": ("304507822163045a", 443),
+    "resnet50_lambda_k32_h4_u1": ("a77eced16f4af653", 443),
+    "resnet50_lambda_k32_h8_u1": ("3a1157c6936df649", 443),
+    "resnet50_lambda_k4_h4_u1": ("90d22c50d7582530", 443),
+    "resnet50_lambda_k4_h8_u1": ("8cf9692c4d4a183a", 443),
+    "resnet50_lambda_k8_h16_u1": ("4561efb15ab6ddf9", 443),
+    "resnet50_lambda_k8_h2_u1": ("9ebf5851110259f1", 443),
+    "resnet50_lambda_k8_h4_u1": ("e85c65811cd126da", 443),
+    "resnet50_lambda_k8_h8_u1": ("f7f4a9c418bc50f4", 443),
+    "resnet50_lambda_k8_h8_u4": ("37eba3813094aa02", 443),
+    "resnet50_lambda_k8_h8_u8": ("14ce3c99b71db74f", 443),
+    "resnet50_lambda_shared_embeddings_table4": ("2be5d808fe99eda4", 428),
+    "resnet50_lambda_table3": ("a412c248c147956a", 443),
+    "resnet50_lambda_u4_table3": ("658d095792842f54", 443),
+    "resnet50_local_attention_table3": ("7905473481baa2ab", 331),
+    "resnet50_placement_cccl": ("f16dc08cbcb24396", 300),
+    "resnet50_placement_ccll": ("628bce1e9b4fd53c", 366),
+    "resnet50_placement_clll": ("8c9f12acef13dc22", 410),
+    "resnet50_placement_lccc": ("7e55232fe14f0613", 300),
+    "resnet50_placement_llcc": ("2c6f9938adc87e86", 344),
+    "resnet50_placement_lllc": ("83383d507381df2b", 410),
+    "resnet50_san_patchwise": ("a86487d50a3c4f5a", 523),
+    "resnet50_se_table3": ("57c9348206091000", 331),
+    "resnet_rs101": ("e367f78be03aa702", 669),
+    "resnet_rs152": ("d0ad43ded2dadc4f", 992),
+    "resnet_rs200": ("91cb0c8fc9f87d6d", 1296),
+    "resnet_rs270": ("6b58a03045c81b0b", 1752),
+    "resnet_rs350": ("314544ddd687ee60", 2246),
+    "resnet_rs420": ("d9108dbbe7195c1b", 2683),
+    "resnet_rs50": ("826b5a056b441322", 346),
+    "san10_patchwise": ("21527156ac5f3aa3", 302),
+    "san15_patchwise": ("37ed893bd57888c3", 437),
+    "san19_patchwise": ("498ad2bad401ee0b", 545),
+}
+
+
+def _variable_tree_digest(variables):
+    rows = sorted(f"{jax.tree_util.keystr(path, simple=True, separator='/')}:"
+                  f"{tuple(leaf.shape)}:{leaf.dtype}"
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0])
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16], len(rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,23 +151,22 @@ def _count(name: str) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(_abstract_model(name)[1]["params"]))
 
 
-@pytest.mark.parametrize("name,millions", PAPER_PARAMETER_COUNTS)
-def test_parameter_counts_match_the_paper(name, millions):
+@pytest.mark.parametrize("name,millions,source", PAPER_PARAMETER_COUNTS)
+def test_parameter_counts_match_the_paper(name, millions, source):
     count = _count(name)
-    assert abs(count / 1e6 - millions) / millions < 0.02, (name, count)
+    assert abs(count / 1e6 - millions) / millions < 0.02, (name, count, source)
 
 
 def test_ablation_row_k8_h16_has_the_documented_count():
-    # The paper prints 15.6M for this row; lambda_jax/models/families.py says why 14.90M.
+    # The paper prints 15.6M for this row; docs/parameter-counts.md says why 14.90M.
     assert _count("resnet50_lambda_k8_h16_u1") == pytest.approx(14.90e6, rel=0.002)
     assert _count("resnet50_lambda_k8_h16_u1") > _count("resnet50_lambda_k8_h8_u1")
 
 
-# SAN's own networks (SAN's README) and the ResNet-50 hybrid with SAN's layer (our count).
 @pytest.mark.parametrize("name,millions", [
-    ("san10_patchwise", 11.8),
-    ("san15_patchwise", 16.2),
-    ("resnet50_san_patchwise", 17.15),
+    ("san10_patchwise", 11.8),  # SAN's README
+    ("san15_patchwise", 16.2),  # SAN's README
+    ("resnet50_san_patchwise", 17.15),  # our count: a hybrid, in no paper
 ])
 def test_san_parameter_counts(name, millions):
     count = _count(name)
@@ -101,6 +179,158 @@ def test_every_model_gives_logits_at_its_resolution(name):
     assert logits.shape == (2, 1000)
     assert logits.dtype == jnp.float32
     assert set(variables) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("name", lambda_jax.list_models())
+def test_variable_trees_keep_their_paths(name):
+    assert _variable_tree_digest(_abstract_model(name)[1]) == VARIABLE_TREES[name], name
+
+
+def test_a_model_named_twice_is_one_model_with_aliases():
+    aliases = lambda_jax.models.model_aliases()
+    assert aliases == {
+        "resnet50_placement_cccc": "resnet50",
+        "resnet50_placement_llll": "resnet50_lambda_table3",
+        "resnet50_lambda_k16_h4_u1": "resnet50_lambda_table3",
+        "resnet50_lambda_k16_h4_u4": "resnet50_lambda_u4_table3",
+    }
+    names = lambda_jax.list_models()
+    assert sorted(VARIABLE_TREES) == names and not set(aliases) & set(names)
+    assert lambda_jax.list_models(include_aliases=True) == sorted(names + list(aliases))
+    for alias, name in aliases.items():
+        assert lambda_jax.create_model(alias) == lambda_jax.create_model(name)
+        assert alias in ARCHITECTURES[name]["description"]
+    # No two names left give the same model.
+    models = [lambda_jax.create_model(name) for name in names]
+    assert len(set(models)) == len(models)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_alias("resnet50_placement_cccc", "resnet50")
+    with pytest.raises(ValueError, match="no model is registered as 'resnet51'"):
+        registry.register_alias("resnet51_alias", "resnet51")
+
+
+def _lambda_layer_settings(model, images, method="init"):
+    """``{layer path: (implementation, stride_pool)}`` of every LambdaLayer the model calls,
+    read from the bound layers while tracing ``model.init`` (nothing runs)."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, lambda_jax.LambdaLayer) and context.method_name == "__call__":
+            layer = context.module
+            seen["/".join(layer.path)] = (layer.implementation, layer.stride_pool)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(_key(0), images, train=False))
+    return seen
+
+
+def test_lambda_implementation_reaches_every_lambda_layer():
+    images = jnp.zeros((2, 16, 16, 3))
+    default = _lambda_layer_settings(lambda_jax.create_model("lambda_resnet_tiny"), images)
+    assert sorted(default) == ["stage3_block1/lambda2", "stage4_block1/lambda2"]
+    assert set(default.values()) == {("auto", "3x3")}
+    # As train.py passes --config.model_overrides.lambda_implementation=conv.
+    config = ml_collections.ConfigDict({"model_overrides": {"lambda_implementation": "conv"}})
+    model = lambda_jax.create_model("lambda_resnet_tiny", num_classes=10,
+                                    **config.model_overrides)
+    assert model.lambda_implementation == "conv"
+    assert set(_lambda_layer_settings(model, images).values()) == {("conv", "3x3")}
+    # A slot's own setting wins over the model's.
+    mixed = model.clone(stage_slots=("conv", "conv", LambdaSlot(receptive_field=5),
+                                     {"kind": "lambda", "receptive_field": 5,
+                                      "implementation": "shift"}))
+    assert _lambda_layer_settings(mixed, images) == {
+        "stage3_block1/lambda2": ("conv", "3x3"), "stage4_block1/lambda2": ("shift", "3x3")}
+    timm = lambda_jax.create_model("lambda_resnet26t", lambda_implementation="banded")
+    assert set(_lambda_layer_settings(timm, jnp.zeros((1, 64, 64, 3))).values()) == {
+        ("banded", "2x2")}
+
+
+def test_lambda_implementation_changes_the_program():
+    # "conv" is one convolution per lambda layer more than "shift", which has none.
+    images = jnp.zeros((2, 16, 16, 3))
+
+    def convolutions(implementation):
+        model = lambda_jax.create_model("lambda_resnet_tiny", lambda_implementation=implementation)
+        variables = jax.eval_shape(lambda: model.init(_key(0), images, train=False))
+        jaxpr = jax.make_jaxpr(model.apply)(variables, images)
+        return str(jaxpr).count("conv_general_dilated")
+
+    assert convolutions("conv") == convolutions("shift") + 2
+
+
+def test_bad_lambda_implementation_or_stride_pool_fails_at_create_model():
+    with pytest.raises(ValueError, match="ResNet.lambda_implementation must be None .* or one "
+                                         "of \\('auto', "):
+        lambda_jax.create_model("lambda_resnet50", lambda_implementation="fast")
+    with pytest.raises(ValueError, match="LambdaSlot.implementation must be None"):
+        lambda_jax.create_model("resnet50", stage_slots=[{"kind": "lambda",
+                                                          "implementation": "Conv"}] * 4)
+    with pytest.raises(ValueError, match="TimmLambdaResNet.lambda_implementation must be None"):
+        lambda_jax.create_model("lambda_resnet26t", lambda_implementation="fast")
+    with pytest.raises(ValueError, match="ResNet.stride_pool must be one of \\('3x3', "
+                                         "'3x3_symmetric', '2x2'\\)"):
+        lambda_jax.create_model("lambda_resnet50", stride_pool="3x3_same")
+    with pytest.raises(ValueError, match="Unknown settings \\['lambda_implementation'\\]"):
+        lambda_jax.create_model("san10_patchwise", lambda_implementation="conv")
+
+
+def test_every_resnet_records_its_stride_pool():
+    resnets = [name for name in lambda_jax.list_models()
+               if isinstance(lambda_jax.create_model(name), ResNet)]
+    assert {"resnet50", "lambda_resnet50", "lambda_resnet_tiny"} <= set(resnets)
+    assert not {"san19_patchwise", "lambda_resnet26t"} & set(resnets)
+    for name in resnets:
+        assert ARCHITECTURES[name]["stride_pool"] == "3x3", name
+        assert lambda_jax.create_model(name).stride_pool == "3x3", name
+    old = lambda_jax.create_model("lambda_resnet_tiny", stride_pool="3x3_symmetric")
+    assert set(_lambda_layer_settings(old, jnp.zeros((1, 16, 16, 3))).values()) == {
+        ("auto", "3x3")}  # the layers do not stride: the blocks pool (tests/test_pooling.py)
+    assert old.stride_pool == "3x3_symmetric"
+
+
+def test_model_settings_record_what_the_model_computes():
+    settings = lambda_jax.models.model_settings(
+        lambda_jax.create_model("lambda_resnet_tiny", dtype=jnp.bfloat16))
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["stride_pool"] == "3x3" and settings["dtype"] == "bfloat16"
+    assert settings["stage_slots"][3][0] == {
+        "kind": "lambda", "dim_k": 16, "heads": 4, "dim_u": 1, "position": "local",
+        "receptive_field": 5, "shared_embeddings": False, "implementation": None}
+    old = lambda_jax.create_model("lambda_resnet_tiny", dtype=jnp.bfloat16,
+                                  stride_pool="3x3_symmetric")
+    assert lambda_jax.models.model_settings(old) == {**settings, "stride_pool": "3x3_symmetric"}
+    assert lambda_jax.models.model_settings(
+        lambda_jax.create_model("resnet50_placement_llll")) == lambda_jax.models.model_settings(
+        lambda_jax.create_model("resnet50_lambda_table3"))
+    timm = lambda_jax.models.model_settings(lambda_jax.create_model("lambda_resnet26t"))
+    assert timm["stage_blocks"][2] == ["bottle", "self_attn"] and timm["dtype"] == "float32"
+
+
+def test_a_new_slot_kind_is_one_class(monkeypatch):
+    monkeypatch.setattr(resnet, "_SLOT_CLASSES", dict(resnet._SLOT_CLASSES))
+
+    @dataclasses.dataclass(frozen=True)
+    class DenseSlot(resnet.Slot, kind="dense"):
+        scale: float = 1.0
+
+        def build(self, block):
+            dense = nn.Dense(block.width, name="dense2")
+            return lambda y, train, embeddings: self.scale * dense(y)
+
+    model = ResNet(num_classes=3, stage_depths=(1, 1), stage_widths=(4, 8),
+                   stage_strides=(1, 2), stage_slots=("dense", {"kind": "dense", "scale": 2.0}),
+                   stem="cifar", stem_width=4)
+    assert model.resolved_slots() == ((DenseSlot(),), (DenseSlot(scale=2.0),))
+    logits, variables = jax.eval_shape(
+        lambda: model.init_with_output(_key(0), jnp.zeros((1, 6, 6, 3))))
+    assert logits.shape == (1, 3)
+    assert variables["params"]["stage1_block1"]["dense2"]["kernel"].shape == (4, 4)
+    assert variables["params"]["stage2_block1"]["dense2"]["kernel"].shape == (8, 8)
+    with pytest.raises(ValueError, match="A slot kind named 'dense' already exists"):
+        class AnotherDenseSlot(resnet.Slot, kind="dense"):
+            pass
 
 
 def test_lambda_resnets_are_resnet_rs_bodies():

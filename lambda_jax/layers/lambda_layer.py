@@ -17,7 +17,7 @@ from lambda_jax.layers.norm import batch_norm
 
 POSITIONS = ("global", "local", "none")
 IMPLEMENTATIONS = position_lib.IMPLEMENTATIONS
-STRIDE_POOLS = ("3x3", "2x2")
+STRIDE_POOLS = tuple(pooling.STRIDE_POOLS)
 # The parameter that holds the position embeddings of each position mode.
 EMBEDDING_NAMES = {"global": "relative_embeddings", "local": "local_embeddings"}
 
@@ -70,8 +70,7 @@ class LambdaLayer(nn.Module):
       has none.
     * ``stride=2, stride_pool="2x2"``: 2x2 average pooling of the output without padding
       (odd sizes floored), as timm; the paper (its LambdaResNets) strides with 3x3 average
-      pooling after the layer, ``stride_pool="3x3"``, padded like TensorFlow's ``"SAME"``
-      with the padding left out of the averages.
+      pooling after the layer, ``stride_pool="3x3"`` (see :mod:`lambda_jax.layers.pooling`).
 
     Initialisation follows the paper: ``W_Q ~ N(0, (k d)^-1/2)``, ``W_K, W_V ~ N(0, d^-1/2)``,
     position embeddings ``N(0, 1)``; projections have no bias.
@@ -104,7 +103,10 @@ class LambdaLayer(nn.Module):
         paper).
       stride: 1, or 2 to average-pool the output to ``ceil(size / 2)`` (``"3x3"``) or
         ``floor(size / 2)`` (``"2x2"``) per spatial axis.
-      stride_pool: ``"3x3"`` (paper) or ``"2x2"`` (timm), the pooling used when ``stride=2``.
+      stride_pool: the pooling used when ``stride=2``, one of
+        :data:`lambda_jax.layers.pooling.STRIDE_POOLS`: ``"3x3"`` (the paper's, TensorFlow
+        ``"SAME"`` padding), ``"3x3_symmetric"`` (one cell of padding on each side) or
+        ``"2x2"`` (timm's).
       axis_name: mapped axis over which batch-norm statistics are averaged
         (cross-device batch norm under ``pmap``/``shard_map``).
       bn_momentum: momentum of the batch-norm running statistics.
@@ -405,9 +407,7 @@ class LambdaLayer(nn.Module):
 
     def _pool(self, out: jax.Array) -> jax.Array:
         """Average-pools ``[batch, *spatial, dim_out]`` with stride 2 on every spatial axis."""
-        if self.stride_pool == "2x2":
-            return pooling.average_pool(out, 2, 2, "valid")
-        return pooling.average_pool(out, 3, 2, "same")
+        return pooling.stride_pool(out, self.stride_pool)
 
 
 class SharedPositionEmbeddings(nn.Module):

@@ -4,7 +4,14 @@ attention; timm's LambdaResNets."""
 
 from lambda_jax.models import byoanet, families, san
 from lambda_jax.models.language import AttentionLanguageModel, LambdaLanguageModel
-from lambda_jax.models.registry import create_model, list_models, register_model
+from lambda_jax.models.registry import (
+    create_model,
+    list_models,
+    model_aliases,
+    model_settings,
+    register_alias,
+    register_model,
+)
 from lambda_jax.models.resnet import (
     AttentionSlot,
     AugmentedConvSlot,
@@ -14,6 +21,7 @@ from lambda_jax.models.resnet import (
     LambdaSlot,
     ResNet,
     SANSlot,
+    Slot,
 )
 from lambda_jax.models.byoanet import TimmLambdaResNet
 from lambda_jax.models.san import SAN, SANBlock
@@ -35,7 +43,11 @@ __all__ = [
     "SAN",
     "SANBlock",
     "SANSlot",
+    "Slot",
     "create_model",
     "list_models",
+    "model_aliases",
+    "model_settings",
+    "register_alias",
     "register_model",
 ]

@@ -13,7 +13,6 @@ Convolutions are padded symmetrically by ``(stride - 1 + kernel - 1) // 2``, as 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -24,7 +23,8 @@ import jax.numpy as jnp
 
 from lambda_jax.layers.lambda_layer import LambdaLayer
 from lambda_jax.models.families import ARCHITECTURES
-from lambda_jax.models.registry import register_model
+from lambda_jax.models.registry import build_model, register_model
+from lambda_jax.models.resnet import lambda_implementation_setting
 
 ModuleDef = Any
 
@@ -118,6 +118,8 @@ class TimmLambdaResNet(nn.Module):
       image_size: the input size the global relative embeddings are built for (the model
         accepts only it when ``position="global"``); ``from_timm`` builds the variables at it.
       heads, dim_k: the lambda layers' heads and key depth.
+      lambda_implementation: the lambda layers' local formulation (one of ``LambdaLayer``'s
+        implementations); ``None``: the layer's default.
       bottle_ratio: bottleneck width over block width.
       axis_name: mapped axis for cross-device batch-norm statistics.
       dtype: compute dtype; param_dtype: parameter dtype.
@@ -134,6 +136,7 @@ class TimmLambdaResNet(nn.Module):
     image_size: int = 256
     heads: int = 4
     dim_k: int = 16
+    lambda_implementation: Optional[str] = None
     bottle_ratio: float = 0.25
     axis_name: Optional[Any] = None
     dtype: Any = jnp.float32
@@ -181,6 +184,8 @@ class TimmLambdaResNet(nn.Module):
             position=self.position,
             receptive_field=self.receptive_field,
             position_bias=self.position == "local",
+            **lambda_implementation_setting("TimmLambdaResNet.lambda_implementation",
+                                            self.lambda_implementation),
             stride_pool="2x2",
             axis_name=self.axis_name,
             dtype=self.dtype,
@@ -211,7 +216,8 @@ class TimmLambdaResNet(nn.Module):
 _TIERED_26 = (("bottle",) * 2, ("bottle",) * 2, ("bottle", "self_attn"), ("self_attn",) * 2)
 
 # The TimmLambdaResNet fields of each name, with timm's description; timm's weights are
-# for 256x256 images (10.96M, 21.54M and 10.99M parameters).
+# for 256x256 images.
+# Parameters of timm's models, counted with timm 1.0.31: 10.96M, 21.54M, 10.99M.
 CONFIGS: dict[str, dict[str, Any]] = {
     "lambda_resnet26t": dict(
         stage_blocks=_TIERED_26, position="local",
@@ -232,19 +238,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_FIELDS = {field.name for field in dataclasses.fields(TimmLambdaResNet)} - {"parent", "name"}
-
-
 def _register(name: str, description: str, **config: Any) -> None:
     ARCHITECTURES[name] = dict(config, description=description, resolution=256)
 
     def factory(*, num_classes: int = 1000, dtype: Any = jnp.float32,
                 **overrides: Any) -> TimmLambdaResNet:
-        unknown = sorted(set(overrides) - _FIELDS)
-        if unknown:
-            raise ValueError(f"Unknown settings {unknown} for model {name!r}; the settings "
-                             f"are {sorted(_FIELDS - {'num_classes', 'dtype'})}.")
-        return TimmLambdaResNet(num_classes=num_classes, dtype=dtype, **{**config, **overrides})
+        model = build_model(name, TimmLambdaResNet, config, overrides, num_classes=num_classes,
+                            dtype=dtype)
+        lambda_implementation_setting("TimmLambdaResNet.lambda_implementation",
+                                      model.lambda_implementation)
+        return model
 
     factory.__doc__ = description
     register_model(name)(factory)

@@ -15,12 +15,15 @@ chooses what sits in the 3x3 slot of each bottleneck block:
 * :class:`SANSlot` - SAN's patchwise self-attention
   (:class:`~lambda_jax.layers.san.PatchwiseSelfAttention`, Zhao et al. 2020).
 
+Each slot kind is a subclass of :class:`Slot` that builds its own layer
+(:meth:`Slot.build`); a new kind is one such class.
+
 A stride-2 block whose slot is a lambda layer, attention (global, local or axial) or SAN
-applies the layer at full resolution and then a 3x3 average pool with stride 2 ("3x3
-average-pooling with stride 2 after the lambda layers ... in place of the strided
-convolution", the paper's appendix). An
-attention-augmented convolution strides its convolution and attends over its input
-average-pooled 3x3 with stride 2.
+applies the layer at full resolution and then the 3x3 average pool with stride 2 of
+``ResNet.stride_pool`` ("3x3 average-pooling with stride 2 after the lambda layers ... in
+place of the strided convolution", the paper's appendix; the padding is chosen in
+:mod:`lambda_jax.layers.pooling`). An attention-augmented convolution strides its
+convolution and attends over its input average-pooled 3x3 with stride 2.
 
 The ResNet-RS options (Bello et al. 2021, "Revisiting ResNets", arXiv 2103.07579; layer order
 as in the tensorflow/tpu ``models/official/resnet/resnet_model.py`` it released): ResNet-D stem
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 import chex
 import flax.linen as nn
@@ -49,6 +52,7 @@ from lambda_jax.layers.attention import (
     RelativeSelfAttention,
 )
 from lambda_jax.layers.lambda_layer import (
+    IMPLEMENTATIONS,
     LambdaLayer,
     SharedPositionEmbeddings,
     position_embedding_shape,
@@ -58,19 +62,78 @@ from lambda_jax.layers.norm import batch_norm
 from lambda_jax.layers.san import PatchwiseSelfAttention
 
 
+# A built slot layer: (y [batch, H, W, C], train, shared position embeddings or None) ->
+# [batch, H', W', width] at the block's stride if the slot strides itself, else at H, W.
+SlotLayer = Callable[[jax.Array, bool, Optional[jax.Array]], jax.Array]
+
+# Slot kinds by name, filled in by Slot subclasses as they are declared.
+_SLOT_CLASSES: dict[str, type["Slot"]] = {}
+
+
+class Slot:
+    """What sits in the 3x3 slot of a bottleneck block: the layer's settings, and the layer.
+
+    A slot kind is a frozen dataclass deriving from ``Slot`` with its name,
+    ``class MySlot(Slot, kind="my")``: that makes ``MySlot(...)``, ``"my"`` and
+    ``{"kind": "my", ...}`` entries of ``ResNet.stage_slots``. It defines :meth:`build`.
+
+    Attributes (class level):
+      kind: the name of the slot kind in ``stage_slots``.
+      strides_itself: whether the layer applies the block's stride; if not, a strided block
+        applies it after the layer with ``Bottleneck.stride_pool``.
+    """
+
+    kind: ClassVar[str]
+    strides_itself: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, kind: Optional[str] = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if kind is None:  # a variant of its parent's kind, not a kind of its own
+            return
+        if kind in _SLOT_CLASSES:
+            raise ValueError(f"A slot kind named {kind!r} already exists: {_SLOT_CLASSES[kind]}.")
+        cls.kind = kind
+        _SLOT_CLASSES[kind] = cls
+
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        """Creates the slot's layer as a child of ``block`` (called from the block's
+        ``__call__``, with the block's width, stride and dtypes) and returns it as a
+        :data:`SlotLayer`. The layer's name is part of the parameter paths."""
+        raise NotImplementedError(f"{type(self).__name__} defines no build method.")
+
+    def resolve(self, model: "ResNet") -> "Slot":
+        """The slot with the settings it leaves to ``model`` filled in (default: itself)."""
+        return self
+
+    def shared_embeddings_key(self, spatial: tuple[int, ...]) -> Optional[tuple[str, tuple]]:
+        """``(position, shape)`` of position embeddings the model holds for this slot and
+        every other slot with the same key, for a slot input of spatial size ``spatial``;
+        ``None``: the layer holds its own, if any."""
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
-class ConvSlot:
+class ConvSlot(Slot, kind="conv"):
     """A square convolution in the bottleneck slot (``kernel_size`` 3 in every ResNet)."""
 
     kernel_size: int = 3
+    strides_itself: ClassVar[bool] = True
+
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        conv = _conv(block, block.width, self.kernel_size, block.stride, "conv2")
+        return lambda y, train, embeddings: conv(y)
 
 
 @dataclasses.dataclass(frozen=True)
-class LambdaSlot:
+class LambdaSlot(Slot, kind="lambda"):
     """A lambda layer in the bottleneck slot; fields as in :class:`LambdaLayer`.
 
     The defaults are the paper's main setting: k=16, h=4, u=1 with a 23x23 lambda
     convolution (the all-lambda ResNet-50 of Table 3, 15.0M parameters).
+
+    ``implementation``: the local formulation (one of ``LambdaLayer``'s implementations);
+    ``None`` leaves it to ``ResNet.lambda_implementation``, and when that is ``None`` too,
+    to the layer's default.
 
     ``shared_embeddings=True``: the layer uses position embeddings that the
     :class:`ResNet` holds once for all such slots with embeddings of the same shape (for a
@@ -84,38 +147,86 @@ class LambdaSlot:
     position: str = "local"
     receptive_field: int = 23
     shared_embeddings: bool = False
+    implementation: Optional[str] = None
+
+    def __post_init__(self):
+        lambda_implementation_setting("LambdaSlot.implementation", self.implementation)
 
     def embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
         """The layer's position-embedding shape for a slot input of spatial size ``spatial``."""
         return position_embedding_shape(
             self.position, tuple(spatial), self.dim_k, self.dim_u, self.receptive_field)
 
+    def resolve(self, model: "ResNet") -> "LambdaSlot":
+        if self.implementation is None and model.lambda_implementation is not None:
+            return dataclasses.replace(self, implementation=model.lambda_implementation)
+        return self
+
+    def shared_embeddings_key(self, spatial: tuple[int, ...]) -> Optional[tuple[str, tuple]]:
+        if not self.shared_embeddings:
+            return None
+        return self.position, self.embedding_shape(spatial)
+
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        layer = LambdaLayer(
+            dim_out=block.width,
+            dim_k=self.dim_k,
+            heads=self.heads,
+            dim_u=self.dim_u,
+            position=self.position,
+            receptive_field=self.receptive_field,
+            **lambda_implementation_setting("LambdaSlot.implementation", self.implementation),
+            **block.layer_settings(norm=True),
+            name="lambda2",
+        )
+        return lambda y, train, embeddings: layer(y, train=train, embeddings=embeddings)
+
 
 @dataclasses.dataclass(frozen=True)
-class AttentionSlot:
+class AttentionSlot(Slot, kind="attention"):
     """Relative multi-head self-attention in the bottleneck slot (``window=None``: global)."""
 
     heads: int = 8
     window: Optional[int] = 7
 
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        layer = RelativeSelfAttention(
+            dim_out=block.width,
+            heads=self.heads,
+            window=self.window,
+            **block.layer_settings(),
+            name="attention2",
+        )
+        return lambda y, train, embeddings: layer(y)
+
 
 @dataclasses.dataclass(frozen=True)
-class AxialAttentionSlot:
+class AxialAttentionSlot(Slot, kind="axial_attention"):
     """Axial self-attention in the bottleneck slot: height pass then width pass, each global
     along its axis (:class:`~lambda_jax.layers.attention.AxialSelfAttention`)."""
 
     heads: int = 8
 
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        layer = AxialSelfAttention(
+            dim_out=block.width,
+            heads=self.heads,
+            **block.layer_settings(),
+            name="axial_attention2",
+        )
+        return lambda y, train, embeddings: layer(y)
+
 
 @dataclasses.dataclass(frozen=True)
-class AugmentedConvSlot:
+class AugmentedConvSlot(Slot, kind="augmented_conv"):
     """An attention-augmented convolution (Bello et al. 2019) in the bottleneck slot.
 
     With the slot's width F_out as the convolution's output channels: value depth
     ``d_v = value_ratio * F_out`` (upsilon) and key depth ``d_k = key_ratio * F_out``
     (kappa), each rounded to the nearest positive multiple of ``heads``, and ``d_k`` at least
     ``min_key_depth_per_head * heads``. The defaults are the paper's: kappa = 2 upsilon = 0.2,
-    8 heads, "a minimum of 20 dimensions per head for the keys".
+    8 heads, "a minimum of 20 dimensions per head for the keys". A strided block strides the
+    convolution and attends over its input average-pooled 3x3 with stride 2.
     """
 
     key_ratio: float = 0.2
@@ -123,6 +234,7 @@ class AugmentedConvSlot:
     heads: int = 8
     min_key_depth_per_head: int = 20
     kernel_size: int = 3
+    strides_itself: ClassVar[bool] = True
 
     def depths(self, features: int) -> tuple[int, int]:
         """``(key_depth, value_depth)`` of the layer for ``features`` output channels."""
@@ -141,9 +253,23 @@ class AugmentedConvSlot:
         value_per_head = min(per_head(self.value_ratio), features // self.heads)
         return key_per_head * self.heads, value_per_head * self.heads
 
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        key_depth, value_depth = self.depths(block.width)
+        layer = AttentionAugmentedConv(
+            features=block.width,
+            key_depth=key_depth,
+            value_depth=value_depth,
+            heads=self.heads,
+            kernel_size=self.kernel_size,
+            strides=block.stride,
+            **block.layer_settings(),
+            name="augmented_conv2",
+        )
+        return lambda y, train, embeddings: layer(y)
+
 
 @dataclasses.dataclass(frozen=True)
-class SANSlot:
+class SANSlot(Slot, kind="san"):
     """SAN's patchwise self-attention (Zhao et al. 2020) in the bottleneck slot.
 
     Fields as in :class:`~lambda_jax.layers.san.PatchwiseSelfAttention`; the relation depth is
@@ -163,25 +289,41 @@ class SANSlot:
             )
         return max(1, features // self.relation_reduction)
 
+    def build(self, block: "Bottleneck") -> SlotLayer:
+        layer = PatchwiseSelfAttention(
+            dim_out=block.width,
+            relation_depth=self.relation_depth(block.width),
+            share_planes=self.share_planes,
+            kernel_size=self.kernel_size,
+            **block.layer_settings(norm=True),
+            name="san2",
+        )
+        return lambda y, train, embeddings: layer(y, train=train)
 
-Slot = Union[ConvSlot, LambdaSlot, AttentionSlot, AxialAttentionSlot, AugmentedConvSlot, SANSlot]
+
 SlotSpec = Union[str, Mapping[str, Any], Slot]
 STEMS = ("imagenet", "resnet_d", "resnet_rs", "cifar")
 
 
-_SLOT_CLASSES = {
-    "conv": ConvSlot,
-    "lambda": LambdaSlot,
-    "attention": AttentionSlot,
-    "axial_attention": AxialAttentionSlot,
-    "augmented_conv": AugmentedConvSlot,
-    "san": SANSlot,
-}
-_SLOT_TYPES = tuple(_SLOT_CLASSES.values())
+def lambda_implementation_setting(field: str, implementation: Optional[str]) -> dict[str, str]:
+    """``LambdaLayer`` keyword arguments for a model's ``implementation`` setting ``field``:
+    ``{"implementation": implementation}``, or ``{}`` (the layer's default) for ``None``.
+
+    Raises:
+      ValueError: naming ``field``, for an unknown formulation.
+    """
+    if implementation is None:
+        return {}
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{field} must be None (the layers' default) or one of {IMPLEMENTATIONS}, got "
+            f"{implementation!r}."
+        )
+    return {"implementation": implementation}
 
 
 def _slot(spec: SlotSpec) -> Slot:
-    if isinstance(spec, _SLOT_TYPES):
+    if isinstance(spec, Slot):
         return spec
     if isinstance(spec, str) and spec in _SLOT_CLASSES:
         return _SLOT_CLASSES[spec]()
@@ -198,7 +340,7 @@ def _slot(spec: SlotSpec) -> Slot:
     raise ValueError(
         f"A slot must be one of {sorted(_SLOT_CLASSES)}, a mapping with 'kind' set to one of "
         f"them and the slot's settings, or one of the slot classes "
-        f"({', '.join(c.__name__ for c in _SLOT_TYPES)}); got {spec!r}."
+        f"({', '.join(c.__name__ for c in _SLOT_CLASSES.values())}); got {spec!r}."
     )
 
 
@@ -209,11 +351,12 @@ def resolve_stage_slots(
 
     Args:
       stage_slots: one entry per stage: a slot for every block of the stage, or a sequence
-        with one slot per block. A slot is a :class:`ConvSlot`, :class:`LambdaSlot`,
-        :class:`AttentionSlot`, :class:`AxialAttentionSlot`, :class:`AugmentedConvSlot` or
-        :class:`SANSlot`, its name (``"conv"``, ``"lambda"``, ``"attention"``,
-        ``"axial_attention"``, ``"augmented_conv"``, ``"san"``: default settings) or a
-        mapping such as ``{"kind": "lambda", "receptive_field": 7}``.
+        with one slot per block. A slot is a :class:`Slot` (:class:`ConvSlot`,
+        :class:`LambdaSlot`, :class:`AttentionSlot`, :class:`AxialAttentionSlot`,
+        :class:`AugmentedConvSlot`, :class:`SANSlot`), the name of its kind (``"conv"``,
+        ``"lambda"``, ``"attention"``, ``"axial_attention"``, ``"augmented_conv"``,
+        ``"san"``: default settings) or a mapping such as
+        ``{"kind": "lambda", "receptive_field": 7}``.
       stage_depths: number of blocks per stage.
 
     Returns:
@@ -226,7 +369,7 @@ def resolve_stage_slots(
         )
     resolved = []
     for stage, (spec, depth) in enumerate(zip(stage_slots, stage_depths)):
-        if isinstance(spec, (str, Mapping) + _SLOT_TYPES):
+        if isinstance(spec, (str, Mapping, Slot)):
             resolved.append((_slot(spec),) * depth)
             continue
         if len(spec) != depth:
@@ -301,8 +444,10 @@ class Bottleneck(nn.Module):
 
     Attributes:
       width: channels of the slot (the bottleneck width).
-      slot: what sits in the 3x3 slot.
+      slot: what sits in the 3x3 slot; it builds its layer (:meth:`Slot.build`).
       stride: 1 or 2.
+      stride_pool: the average pooling (one of ``lambda_jax.layers.pooling.STRIDE_POOLS``)
+        after a slot layer that does not stride itself, in a strided block.
       expansion: output channels are ``width * expansion``.
       se_ratio: squeeze-excitation width as a fraction of the output channels (0: none).
       resnet_d_shortcut: strided projection shortcuts average-pool before the 1x1 conv.
@@ -314,6 +459,7 @@ class Bottleneck(nn.Module):
     width: int
     slot: Slot = ConvSlot()
     stride: int = 1
+    stride_pool: str = "3x3"
     expansion: int = 4
     se_ratio: float = 0.0
     resnet_d_shortcut: bool = False
@@ -325,72 +471,22 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def layer_settings(self, norm: bool = False) -> dict[str, Any]:
+        """The block's settings a slot layer takes: ``dtype`` and ``param_dtype``, and with
+        ``norm`` (a layer with batch norm) also ``axis_name``, ``bn_momentum`` and
+        ``bn_epsilon``."""
+        settings = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if norm:
+            settings.update(axis_name=self.axis_name, bn_momentum=self.bn_momentum,
+                            bn_epsilon=self.bn_epsilon)
+        return settings
+
     def _spatial(
         self, y: jax.Array, train: bool, position_embeddings: Optional[jax.Array]
     ) -> jax.Array:
-        slot = self.slot
-        if isinstance(slot, ConvSlot):
-            return _conv(self, self.width, slot.kernel_size, self.stride, "conv2")(y)
-        if isinstance(slot, AugmentedConvSlot):
-            key_depth, value_depth = slot.depths(self.width)
-            return AttentionAugmentedConv(
-                features=self.width,
-                key_depth=key_depth,
-                value_depth=value_depth,
-                heads=slot.heads,
-                kernel_size=slot.kernel_size,
-                strides=self.stride,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="augmented_conv2",
-            )(y)
-        if isinstance(slot, LambdaSlot):
-            y = LambdaLayer(
-                dim_out=self.width,
-                dim_k=slot.dim_k,
-                heads=slot.heads,
-                dim_u=slot.dim_u,
-                position=slot.position,
-                receptive_field=slot.receptive_field,
-                axis_name=self.axis_name,
-                bn_momentum=self.bn_momentum,
-                bn_epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="lambda2",
-            )(y, train=train, embeddings=position_embeddings)
-        elif isinstance(slot, AxialAttentionSlot):
-            y = AxialSelfAttention(
-                dim_out=self.width,
-                heads=slot.heads,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="axial_attention2",
-            )(y)
-        elif isinstance(slot, SANSlot):
-            y = PatchwiseSelfAttention(
-                dim_out=self.width,
-                relation_depth=slot.relation_depth(self.width),
-                share_planes=slot.share_planes,
-                kernel_size=slot.kernel_size,
-                axis_name=self.axis_name,
-                bn_momentum=self.bn_momentum,
-                bn_epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="san2",
-            )(y, train=train)
-        else:
-            y = RelativeSelfAttention(
-                dim_out=self.width,
-                heads=slot.heads,
-                window=slot.window,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="attention2",
-            )(y)
-        if self.stride > 1:
-            y = pooling.average_pool(y, 3, self.stride, "symmetric")
+        y = self.slot.build(self)(y, train, position_embeddings)
+        if self.stride > 1 and not self.slot.strides_itself:
+            y = pooling.stride_pool(y, self.stride_pool, self.stride)
         return y
 
     @nn.compact
@@ -432,6 +528,7 @@ class Bottleneck(nn.Module):
         if x.shape[-1] != out_features or self.stride > 1:
             stride = self.stride
             if self.resnet_d_shortcut and stride > 1:
+                # tensorflow/tpu's ResNet-D shortcut: 2x2 average pool, "SAME" padding.
                 shortcut = pooling.average_pool(shortcut, stride, stride, "same")
                 stride = 1
             shortcut = _conv(self, out_features, 1, stride, "shortcut_conv")(shortcut)
@@ -453,6 +550,15 @@ class ResNet(nn.Module):
       stage_strides: stride of the first block of each stage.
       stage_slots: per stage, a slot for all its blocks or a sequence with one slot per block
         (see :func:`resolve_stage_slots`).
+      stride_pool: how a strided block whose slot layer does not stride itself (lambda
+        layers, attention, SAN) downsamples after the layer, one of
+        ``lambda_jax.layers.pooling.STRIDE_POOLS``: ``"3x3"``, the paper's 3x3 average pool
+        with stride 2 with TensorFlow's "SAME" padding (the evidence is in
+        :mod:`lambda_jax.layers.pooling`), or ``"3x3_symmetric"``, one cell of padding on
+        each side (the only pooling of lambda_jax's ResNets before this field: set it to
+        use their checkpoints; the two differ on even sizes), or ``"2x2"``.
+      lambda_implementation: the local formulation of every lambda slot that sets none (one
+        of ``LambdaLayer``'s implementations); ``None``: each layer's default, ``"auto"``.
       expansion: bottleneck expansion.
       stem: ``"imagenet"`` (7x7/2 conv, 3x3/2 max pool), ``"resnet_d"`` (3x3 convs with
         ``stem_width/2, stem_width/2, stem_width`` channels, the first strided, then the max
@@ -476,6 +582,8 @@ class ResNet(nn.Module):
     stage_widths: Sequence[int] = (64, 128, 256, 512)
     stage_strides: Sequence[int] = (1, 2, 2, 2)
     stage_slots: Sequence[Any] = ("conv", "conv", "conv", "conv")
+    stride_pool: str = "3x3"
+    lambda_implementation: Optional[str] = None
     expansion: int = 4
     stem: str = "imagenet"
     stem_width: int = 64
@@ -490,7 +598,13 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def _check_settings(self) -> tuple[tuple[Slot, ...], ...]:
+    def resolved_slots(self) -> tuple[tuple[Slot, ...], ...]:
+        """The slot of every block, ``[stage][block]``, with the model's settings filled in
+        (:meth:`Slot.resolve`).
+
+        Raises:
+          ValueError: for impossible settings, naming the field and what it accepts.
+        """
         stages = len(self.stage_depths)
         if len(self.stage_widths) != stages or len(self.stage_strides) != stages:
             raise ValueError(
@@ -502,7 +616,14 @@ class ResNet(nn.Module):
         for name in ("drop_path_rate", "dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ResNet.{name} must be in [0, 1), got {getattr(self, name)}.")
-        return resolve_stage_slots(self.stage_slots, self.stage_depths)
+        if self.stride_pool not in pooling.STRIDE_POOLS:
+            raise ValueError(
+                f"ResNet.stride_pool must be one of {tuple(pooling.STRIDE_POOLS)}, got "
+                f"{self.stride_pool!r}."
+            )
+        lambda_implementation_setting("ResNet.lambda_implementation", self.lambda_implementation)
+        slots = resolve_stage_slots(self.stage_slots, self.stage_depths)
+        return tuple(tuple(slot.resolve(self) for slot in stage) for stage in slots)
 
     def _stem(self, x: jax.Array, train: bool) -> jax.Array:
         def conv_bn_relu(y: jax.Array, features: int, kernel_size: int, stride: int, index: int):
@@ -533,7 +654,7 @@ class ResNet(nn.Module):
         Returns:
           logits ``[batch, num_classes]``, float32.
         """
-        slots = self._check_settings()
+        slots = self.resolved_slots()
         chex.assert_rank(images, 4)
         x = self._stem(images.astype(self.dtype), train)
         num_stages = len(self.stage_depths)
@@ -547,6 +668,7 @@ class ResNet(nn.Module):
                     width=width,
                     slot=slot,
                     stride=stride if index == 0 else 1,
+                    stride_pool=self.stride_pool,
                     expansion=self.expansion,
                     se_ratio=self.se_ratio,
                     resnet_d_shortcut=self.resnet_d_shortcut,
@@ -559,15 +681,14 @@ class ResNet(nn.Module):
                     param_dtype=self.param_dtype,
                     name=f"stage{stage + 1}_block{index + 1}",
                 )
-                embeddings = None
-                if isinstance(slot, LambdaSlot) and slot.shared_embeddings:
-                    shape = slot.embedding_shape(x.shape[1:3])
-                    if (slot.position, shape) not in shared:
-                        shared[slot.position, shape] = SharedPositionEmbeddings(
-                            shape, slot.position, self.param_dtype,
-                            name=f"shared_embeddings{len(shared) + 1}",
-                        )()
-                    embeddings = shared[slot.position, shape]
+                key = slot.shared_embeddings_key(x.shape[1:3])
+                if key is not None and key not in shared:
+                    position, shape = key
+                    shared[key] = SharedPositionEmbeddings(
+                        shape, position, self.param_dtype,
+                        name=f"shared_embeddings{len(shared) + 1}",
+                    )()
+                embeddings = None if key is None else shared[key]
                 x = block(x, train=train, position_embeddings=embeddings)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, name="head_dropout")(x, deterministic=not train)

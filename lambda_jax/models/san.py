@@ -21,9 +21,13 @@ The architecture, as SAN's code builds it (224x224 images):
   to c channels; plus the block's input;
 * global average pool and a linear classifier.
 
-Stage depths (SAN's configs) and parameters (SAN's README; ours for 1000 classes in the
-README of this package): SAN10 [2, 1, 2, 4, 1], 11.8M; SAN15 [3, 2, 3, 5, 2], 16.2M; SAN19
-[3, 3, 4, 6, 3], 20.5M. Initialisation is ours (SAN's code keeps PyTorch's defaults):
+Stage depths (SAN's configs) and parameters (``tests/test_models.py`` checks ours):
+
+* SAN10 [2, 1, 2, 4, 1]: 11.8M parameters in SAN's README;
+* SAN15 [3, 2, 3, 5, 2]: 16.2M parameters in SAN's README;
+* SAN19 [3, 3, 4, 6, 3]: 20.5M parameters in SAN's README.
+
+Initialisation is ours (SAN's code keeps PyTorch's defaults):
 convolutions He-normal over fan-out with zero biases, the classifier N(0, 0.01).
 """
 
