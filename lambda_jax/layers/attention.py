@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lambda_jax.layers import pooling
 from lambda_jax.layers import position as position_lib
 
 POSITION_LOGITS = ("split", "sum")
@@ -360,7 +361,7 @@ class AttentionAugmentedConv(nn.Module):
     Input ``x``: ``[batch, height, width, channels]``; output
     ``[batch, ceil(height / strides), ceil(width / strides), features]``, the convolution's
     channels first. With ``strides=2`` the convolution is strided and the attention runs on the
-    input average-pooled 3x3 with stride 2 (the paper's downsampling of attention inputs), so
+    input average-pooled with stride 2 (``stride_pool``; the paper pools 3x3), so
     both parts have the output's size. The relative tables ``[2*H'-1, key_depth/heads]`` and
     ``[2*W'-1, key_depth/heads]`` fix the (pooled) input size ``H' x W'`` at init.
     Projections have no bias (a batch norm follows in a ResNet).
@@ -374,6 +375,8 @@ class AttentionAugmentedConv(nn.Module):
       heads: number of heads N_h.
       kernel_size: side of the convolution's kernel.
       strides: 1 or 2.
+      stride_pool: the downsampling of the attention input when ``strides=2``, one of
+        :data:`lambda_jax.layers.pooling.STRIDE_POOLS`.
       dtype: compute dtype (``None``: from the input and the parameters).
       param_dtype: parameter dtype.
     """
@@ -384,6 +387,7 @@ class AttentionAugmentedConv(nn.Module):
     heads: int = 8
     kernel_size: int = 3
     strides: int = 1
+    stride_pool: str = "3x3_symmetric"
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
 
@@ -440,9 +444,7 @@ class AttentionAugmentedConv(nn.Module):
             )
         context = x
         if self.strides > 1:
-            context = nn.avg_pool(
-                x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=False
-            )
+            context = pooling.stride_pool(x, self.stride_pool)
         attended = RelativeSelfAttention(
             dim_out=self.value_depth,
             heads=self.heads,

@@ -262,6 +262,7 @@ class AugmentedConvSlot(Slot, kind="augmented_conv"):
             heads=self.heads,
             kernel_size=self.kernel_size,
             strides=block.stride,
+            stride_pool=block.stride_pool,
             **block.layer_settings(),
             name="augmented_conv2",
         )
