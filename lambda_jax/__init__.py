@@ -1,8 +1,24 @@
 """lambda_jax: LambdaNetworks in JAX and Flax."""
 
-from lambda_jax.layers import LambdaLayer, resize_relative_embeddings
+from lambda_jax.layers import (
+    CausalLambdaLayer,
+    DecodeState,
+    LambdaLayer,
+    SharedPositionEmbeddings,
+    resize_relative_embeddings,
+)
+from lambda_jax import functional  # noqa: I001 (after the layers, which import it)
 from lambda_jax.models import create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["LambdaLayer", "create_model", "list_models", "resize_relative_embeddings"]
+__all__ = [
+    "CausalLambdaLayer",
+    "DecodeState",
+    "LambdaLayer",
+    "SharedPositionEmbeddings",
+    "create_model",
+    "functional",
+    "list_models",
+    "resize_relative_embeddings",
+]
