@@ -102,3 +102,52 @@ def naive_lambda_layer(variables, x, *, dim_out, dim_k, heads, dim_u, position,
             for head in range(h):
                 out[b, i, head] = q[b, i, head] @ lam
     return out.reshape(batch, *spatial, h * v)
+
+
+def naive_content_lambda(keys, values):
+    """keys [b, m, k, u] logits, values [b, m, v, u] -> [b, k, v], one position at a time."""
+    keys, values = np.asarray(keys, np.float64), np.asarray(values, np.float64)
+    batch, m, k, u = keys.shape
+    out = np.zeros((batch, k, values.shape[2]))
+    for b in range(batch):
+        weights = np.exp(keys[b] - keys[b].max(axis=0))
+        weights /= weights.sum(axis=0)
+        for position in range(m):
+            for j in range(u):
+                out[b] += np.outer(weights[position, :, j], values[b, position, :, j])
+    return out
+
+
+def naive_position_lambdas(values, embeddings, local):
+    """values [b, *S, v, u] -> [b, n, k, v] by a loop over (query, context) pairs.
+
+    embeddings: the local kernel [r, ..., r, k, u] (offset o at o + (r-1)//2) when ``local``,
+    else the global table [2*S_1-1, ..., k, u] (offset o at o + S - 1).
+    """
+    values = np.asarray(values, np.float64)
+    embeddings = np.asarray(embeddings, np.float64)
+    batch, *spatial, depth_v, depth_u = values.shape
+    coords = list(itertools.product(*[range(s) for s in spatial]))
+    out = np.zeros((batch, len(coords), embeddings.shape[-2], depth_v))
+    centre = (embeddings.shape[0] - 1) // 2
+    for i, query in enumerate(coords):
+        for context in coords:
+            offset = [c - q for c, q in zip(context, query)]
+            if local and any(abs(o) > centre for o in offset):
+                continue
+            shift = [centre] * len(spatial) if local else [s - 1 for s in spatial]
+            embedding = embeddings[tuple(o + c for o, c in zip(offset, shift))]  # [k, u]
+            out[:, i] += np.einsum("ku,bvu->bkv", embedding, values[(slice(None),) + context])
+    return out
+
+
+def naive_apply_lambdas(queries, lambdas):
+    """queries [b, n, h, k], lambdas [b, n or 1, k, v] -> [b, n, h*v], one query at a time."""
+    queries, lambdas = np.asarray(queries, np.float64), np.asarray(lambdas, np.float64)
+    batch, n, heads, _ = queries.shape
+    out = np.zeros((batch, n, heads, lambdas.shape[-1]))
+    for b in range(batch):
+        for i in range(n):
+            for head in range(heads):
+                out[b, i, head] = queries[b, i, head] @ lambdas[b, i if lambdas.shape[1] > 1 else 0]
+    return out.reshape(batch, n, -1)

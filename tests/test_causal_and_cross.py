@@ -1,37 +1,44 @@
-"""Causal (masked) lambdas, step-by-step decoding, and cross lambdas with a separate context."""
+"""CausalLambdaLayer (masked lambdas, step-by-step decoding), and cross lambdas with a separate
+context."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lambda_jax import LambdaLayer
+from lambda_jax import CausalLambdaLayer, LambdaLayer
 from naive_lambda import naive_lambda_layer
 from test_lambda_layer import _build, _randomise, _settings
 
 
 def _causal(position, **kwargs):
-    return LambdaLayer(dim_out=8, dim_k=4, heads=2, dim_u=2, position=position,
-                       receptive_field=4, causal=True, **kwargs)
+    return CausalLambdaLayer(dim_out=8, dim_k=4, heads=2, dim_u=2, position=position,
+                             receptive_field=4, **kwargs)
+
+
+def _causal_settings(layer):
+    return dict(dim_out=layer.dim_out, dim_k=layer.dim_k, heads=layer.heads,
+                dim_u=layer.dim_u, position=layer.position,
+                receptive_field=layer.receptive_field, use_batchnorm=layer.use_layernorm)
 
 
 @pytest.mark.parametrize("position", ["none", "local"])
-@pytest.mark.parametrize("train", [False, True])
-def test_causal_matches_naive_reference(position, train):
+def test_causal_matches_naive_reference(position):
     layer = _causal(position)
     x, variables = _build(layer, (2, 9, 5))
     assert "batch_stats" not in variables
-    out, _ = layer.apply(variables, x, train=train, mutable=["batch_stats"])
-    expected = naive_lambda_layer(variables, x, causal=True, **_settings(layer))
+    out = layer.apply(variables, x)
+    expected = naive_lambda_layer(variables, x, causal=True, **_causal_settings(layer))
     np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("position", ["none", "local"])
-@pytest.mark.parametrize("train", [False, True])
-def test_changing_the_future_never_changes_the_past(position, train):
+def test_changing_the_future_never_changes_the_past(position):
     layer = _causal(position)
     x, variables = _build(layer, (3, 12, 5))
-    apply = jax.jit(lambda x: layer.apply(variables, x, train=train, mutable=["batch_stats"])[0])
+    apply = jax.jit(lambda x: layer.apply(variables, x))
     out = apply(x)
     for n in (0, 5, 10):
         changed = x.at[:, n + 1:].set(100.0 * jax.random.normal(jax.random.key(n),
@@ -43,9 +50,9 @@ def test_changing_the_future_never_changes_the_past(position, train):
 
 
 @pytest.mark.parametrize("position", ["none", "local"])
-@pytest.mark.parametrize("use_batchnorm", [True, False])
-def test_step_by_step_decoding_equals_the_full_call(position, use_batchnorm):
-    layer = _causal(position, use_batchnorm=use_batchnorm)
+@pytest.mark.parametrize("use_layernorm", [True, False])
+def test_step_by_step_decoding_equals_the_full_call(position, use_layernorm):
+    layer = _causal(position, use_layernorm=use_layernorm)
     x, variables = _build(layer, (2, 11, 5))
     full = layer.apply(variables, x)
     state = layer.init_decode_state(2)
@@ -80,7 +87,7 @@ def test_causal_layer_is_finite_for_huge_keys(position):
     assert np.abs(keys).max() > 1e4
     out = layer.apply(big, x)
     assert np.all(np.isfinite(out))
-    expected = naive_lambda_layer(big, x, causal=True, **_settings(layer))
+    expected = naive_lambda_layer(big, x, causal=True, **_causal_settings(layer))
     np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
     grads = jax.grad(lambda p: jnp.sum(layer.apply({**big, "params": p}, x)))(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -92,18 +99,30 @@ def test_causal_layer_is_finite_for_huge_keys(position):
 
 
 def test_causal_settings_are_checked():
-    with pytest.raises(ValueError, match="LambdaLayer.causal.*'global'"):
+    with pytest.raises(ValueError, match="CausalLambdaLayer.position.*'global'"):
         _causal("global").init(jax.random.key(0), jnp.zeros((1, 4, 3)))
-    with pytest.raises(ValueError, match="LambdaLayer.causal needs sequences"):
+    with pytest.raises(ValueError, match="CausalLambdaLayer needs sequences"):
         _causal("local").init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
-    with pytest.raises(ValueError, match="init_decode_state needs causal=True"):
-        LambdaLayer(dim_out=8).init_decode_state(2)
+    with pytest.raises(ValueError, match="CausalLambdaLayer.receptive_field"):
+        _causal("local", ).clone(receptive_field=0).init(jax.random.key(0), jnp.zeros((1, 4, 3)))
+    with pytest.raises(ValueError, match=r"shape \(1, 0, 3\)"):
+        _causal("local").init(jax.random.key(0), jnp.zeros((1, 0, 3)))
     layer = _causal("none")
     x, variables = _build(layer, (1, 4, 3))
     with pytest.raises(ValueError, match="one position per step"):
         layer.apply(variables, x, decode_state=layer.init_decode_state(1))
     assert _causal("local", ).clone(receptive_field=4).init(
         jax.random.key(0), jnp.zeros((1, 4, 3)))["params"]["local_embeddings"].shape == (4, 4, 2)
+
+
+def test_the_paper_layer_has_no_causal_or_decoding_options():
+    fields = {field.name for field in dataclasses.fields(LambdaLayer)}
+    assert not fields & {"causal", "use_layernorm"}
+    assert not hasattr(LambdaLayer, "init_decode_state")
+    with pytest.raises(TypeError, match="decode_state"):
+        layer = LambdaLayer(dim_out=8, dim_k=4, heads=2, position="none")
+        x, variables = _build(layer, (1, 4, 3))
+        layer.apply(variables, x, decode_state=None)
 
 
 @pytest.mark.parametrize("shape, context_shape", [

@@ -313,3 +313,16 @@ def test_works_inside_a_users_flax_model():
         params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
         stats = updates["batch_stats"]
     assert value < 0.5 * first
+
+
+@pytest.mark.parametrize("position", ["global", "local"])
+@pytest.mark.parametrize("shape", [(2, 0, 0, 4), (2, 4, 4, 0), (0, 4, 4, 4)],
+                         ids=["0x0_image", "0_channels", "batch_0"])
+def test_empty_inputs_raise_value_error_naming_the_shape(position, shape):
+    layer = LambdaLayer(dim_out=8, dim_k=4, heads=2, position=position, receptive_field=3)
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 4, 4, 4)))
+    pattern = r"shape \(" + ", ".join(map(str, shape)) + r"\) with no elements"
+    with pytest.raises(ValueError, match=pattern):
+        layer.init(jax.random.key(0), jnp.ones(shape))
+    with pytest.raises(ValueError, match=pattern):
+        layer.apply(variables, jnp.ones(shape), train=True, mutable=["batch_stats"])

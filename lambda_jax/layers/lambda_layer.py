@@ -2,44 +2,42 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Optional
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers import causal as causal_lib
+from lambda_jax import functional
+from lambda_jax.functional import EMBEDDING_NAMES, POSITIONS, STRIDE_POOLS, position_embedding_shape
 from lambda_jax.layers import pooling
 from lambda_jax.layers import position as position_lib
-from lambda_jax.layers.norm import batch_norm
+from lambda_jax.layers.norm import BatchNormVariables
 
-POSITIONS = ("global", "local", "none")
 IMPLEMENTATIONS = position_lib.IMPLEMENTATIONS
-STRIDE_POOLS = tuple(pooling.STRIDE_POOLS)
-# The parameter that holds the position embeddings of each position mode.
-EMBEDDING_NAMES = {"global": "relative_embeddings", "local": "local_embeddings"}
 
-
-def position_embedding_shape(
-    position: str, spatial: tuple[int, ...], dim_k: int, dim_u: int, receptive_field: int
-) -> Optional[tuple[int, ...]]:
-    """Shape of a lambda layer's position embeddings for inputs of spatial size ``spatial``.
-
-    ``[2*S_1-1, ..., 2*S_s-1, k, u]`` (the relative table) for ``position="global"``,
-    ``[r, ..., r, k, u]`` (the lambda convolution's kernel) for ``"local"``, ``None`` for
-    ``"none"``.
-    """
-    if position == "global":
-        return tuple(2 * size - 1 for size in spatial) + (dim_k, dim_u)
-    if position == "local":
-        return (receptive_field,) * len(spatial) + (dim_k, dim_u)
-    return None
+__all__ = ["EMBEDDING_NAMES", "IMPLEMENTATIONS", "POSITIONS", "STRIDE_POOLS", "LambdaLayer",
+           "SharedPositionEmbeddings", "position_embedding_shape"]
 
 
 def _normal(stddev: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=stddev)
+
+
+class Kernel(nn.Module):
+    """The kernel ``[in_features, features]`` of a projection without bias, held as
+    ``nn.Dense`` holds it (``{"kernel": ...}`` under the module's name)."""
+
+    in_features: int
+    features: int
+    stddev: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", _normal(self.stddev), (self.in_features, self.features),
+                          self.param_dtype)
 
 
 class LambdaLayer(nn.Module):
@@ -59,8 +57,10 @@ class LambdaLayer(nn.Module):
       from the lambda convolution with a kernel ``[r, r, k, u]`` (``position="local"``);
     * output ``y[n, h, v] = Σ_k Q[n,h,k] (λc + λp_n)[k, v]``, reshaped to ``h * v``.
 
-    Sums over context positions accumulate in float32 whatever ``dtype`` is, so bfloat16
-    compute stays finite for large inputs.
+    The maths is :func:`lambda_jax.functional.lambda_layer`; this module owns the
+    variables. Sums over context positions accumulate in float32 whatever ``dtype`` is, so
+    bfloat16 compute stays finite for large inputs. Masked lambdas for language models are
+    :class:`lambda_jax.CausalLambdaLayer`.
 
     Where the PyTorch ports deviate from the paper, the paper is the default and the ported
     behaviour a field (``lambda_jax.convert`` loads their weights into layers set this way):
@@ -82,23 +82,14 @@ class LambdaLayer(nn.Module):
       dim_u: intra-depth u.
       position: ``"global"``, ``"local"`` or ``"none"`` (content lambda only).
       receptive_field: scope r of the lambda convolution (odd, ``position="local"``).
-      implementation: how non-causal ``position="local"`` is computed, all with the same
-        values and gradients: ``"shift"`` contracts the queries with the kernel first and
-        sums shifted value slices, with a hand-written gradient (fewest FLOPs, fastest for
-        small scopes); ``"banded"`` (images only) computes the lambda convolution as one
-        matrix product with banded kernel matrices (fastest for large scopes); ``"conv"`` is
-        the paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (the
-        reference); ``"auto"`` takes ``"shift"`` while ``r ** rank * u <= 169`` (r <= 13
-        for images with u = 1, r <= 5 with u = 4), else ``"banded"`` for images and
-        ``"conv"`` for sequences and volumes.
-      use_batchnorm: normalise queries and values: batch norm, or layer norm over the
-        channels of each position when ``causal`` (batch statistics over positions would
-        leak the future into the past during training).
-      causal: masked lambdas for sequences (``position="none"`` or ``"local"``): query n
-        sees only context positions ``m <= n``; the keys' softmax is normalised over the
-        visible prefix, and the local scope is the r positions ending at n (the kernel's
-        index j holds the offset ``j - (r - 1)``). Decode step by step with
-        ``init_decode_state`` and ``decode_state=``.
+      implementation: how ``position="local"`` is computed, all with the same values and
+        gradients: ``"shift"`` contracts the queries with the kernel first and sums shifted
+        value slices, with a hand-written gradient (fewest FLOPs, fastest for small
+        scopes); ``"banded"`` (images only) computes the lambda convolution as one matrix
+        product with banded kernel matrices (fastest for large scopes); ``"conv"`` is the
+        paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (the
+        reference); ``"auto"`` picks by size (``position.resolve_local_implementation``).
+      use_batchnorm: batch-normalise the queries and values.
       position_bias: learned bias ``[k]`` on the position lambdas (PyTorch ports; not in the
         paper).
       stride: 1, or 2 to average-pool the output to ``ceil(size / 2)`` (``"3x3"``) or
@@ -123,7 +114,6 @@ class LambdaLayer(nn.Module):
     receptive_field: int = 23
     implementation: str = "auto"
     use_batchnorm: bool = True
-    causal: bool = False
     position_bias: bool = False
     stride: int = 1
     stride_pool: str = "3x3"
@@ -133,146 +123,44 @@ class LambdaLayer(nn.Module):
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
 
-    def _check_settings(self, x: jax.Array) -> None:
-        for name in ("dim_out", "dim_k", "heads", "dim_u"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LambdaLayer.{name} must be positive, got {getattr(self, name)}.")
-        if self.dim_out % self.heads:
-            raise ValueError(
-                f"LambdaLayer.dim_out ({self.dim_out}) must be divisible by heads ({self.heads})."
-            )
-        if self.position not in POSITIONS:
-            raise ValueError(
-                f"LambdaLayer.position must be one of {POSITIONS}, got {self.position!r}."
-            )
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"LambdaLayer.implementation must be one of {IMPLEMENTATIONS}, got "
-                f"{self.implementation!r}."
-            )
-        if self.implementation == "banded" and x.ndim != 4 and self.position == "local":
-            raise ValueError(
-                "LambdaLayer.implementation='banded' needs images [batch, height, width, "
-                f"channels]; got an input of shape {x.shape}. Use 'auto', 'shift' or 'conv'."
-            )
-        if self.position == "local" and (
-            self.receptive_field < 1 or (self.receptive_field % 2 == 0 and not self.causal)
-        ):
-            raise ValueError(
-                "LambdaLayer.receptive_field must be a positive odd number for "
-                f"position='local' (any positive number when causal), got "
-                f"{self.receptive_field}."
-            )
-        if self.causal and self.position == "global":
-            raise ValueError(
-                "LambdaLayer.causal supports position='none' or 'local', got 'global'."
-            )
-        if self.causal and x.ndim != 3:
-            raise ValueError(
-                "LambdaLayer.causal needs sequences [batch, length, channels]; got an input "
-                f"of shape {x.shape}."
-            )
-        if self.position_bias and self.position == "none":
-            raise ValueError(
-                "LambdaLayer.position_bias needs position lambdas: set position='global' or "
-                "'local', or position_bias=False."
-            )
-        if self.stride not in (1, 2) or (self.causal and self.stride != 1):
-            raise ValueError(
-                f"LambdaLayer.stride must be 1 or 2 (1 when causal), got {self.stride}."
-            )
-        if self.stride_pool not in STRIDE_POOLS:
-            raise ValueError(
-                f"LambdaLayer.stride_pool must be one of {STRIDE_POOLS}, got {self.stride_pool!r}."
-            )
-        if x.ndim not in (3, 4, 5):
-            raise ValueError(
-                "LambdaLayer expects [batch, length, channels], [batch, height, width, "
-                "channels] or [batch, time, height, width, channels]; got an input of rank "
-                f"{x.ndim} with shape {x.shape}."
-            )
-
-    def _local_implementation(self, spatial: tuple[int, ...]) -> str:
-        """The local formulation, ``implementation`` with ``"auto"`` resolved (see
-        :func:`lambda_jax.layers.position.resolve_local_implementation`)."""
-        return position_lib.resolve_local_implementation(
-            self.implementation, spatial, self.receptive_field, self.dim_u)
+    @property
+    def settings(self) -> functional.LambdaSettings:
+        """The layer's fields but ``param_dtype``, as :func:`lambda_jax.functional.lambda_layer`
+        takes them."""
+        return functional.LambdaSettings(**{
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(functional.LambdaSettings)})
 
     def position_embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
         """The shape of the ``embeddings`` argument for inputs of spatial size ``spatial``
         (see :func:`position_embedding_shape`)."""
-        return position_embedding_shape(
-            self.position, spatial, self.dim_k, self.dim_u, self.receptive_field)
+        return self.settings.embedding_shape(spatial)
 
-    def _position_embeddings(
-        self, spatial: tuple[int, ...], embeddings: Optional[jax.Array]
-    ) -> jax.Array:
-        """The given ``embeddings`` (checked) or the layer's own table or kernel parameter."""
-        shape = self.position_embedding_shape(spatial)
-        if embeddings is not None:
-            if tuple(embeddings.shape) != shape:
-                raise ValueError(
-                    f"LambdaLayer with position={self.position!r} on inputs of spatial size "
-                    f"{spatial} needs embeddings of shape {shape} (see "
-                    f"position_embedding_shape); got {tuple(embeddings.shape)}."
-                )
-            return embeddings
-        if self.position == "local":
-            return self.param(EMBEDDING_NAMES["local"], _normal(1.0), shape, self.param_dtype)
-        if self.has_variable("params", EMBEDDING_NAMES["global"]):
-            built = self.get_variable("params", EMBEDDING_NAMES["global"]).shape
-            if built != shape:
-                built_size = tuple((size + 1) // 2 for size in built[: len(spatial)])
-                raise ValueError(
-                    "LambdaLayer with position='global' was built for inputs of spatial "
-                    f"size {built_size} and cannot be applied to size {spatial}: its relative "
-                    "embedding table has shape "
-                    f"{built}. Resize it with lambda_jax.resize_relative_embeddings, or use "
-                    "position='local'."
-                )
-        return self.param(EMBEDDING_NAMES["global"], _normal(1.0), shape, self.param_dtype)
-
-    def _norm(self, name: str, train: bool) -> nn.Module:
-        if self.causal:
-            # Batch statistics over positions would let the future shift the past.
-            return nn.LayerNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=name)
-        return batch_norm(self, train, name)
-
-    def _check_context(self, x: jax.Array, context: jax.Array) -> None:
-        if context.ndim != x.ndim:
-            raise ValueError(
-                f"LambdaLayer context must have the input's rank: input {x.shape}, "
-                f"context {context.shape}."
-            )
-        if context.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"LambdaLayer context must have the input's batch size: input {x.shape}, "
-                f"context {context.shape}."
-            )
-        if (self.position != "none" or self.causal) and context.shape[1:-1] != x.shape[1:-1]:
-            raise ValueError(
-                f"LambdaLayer with position={self.position!r}"
-                f"{' and causal=True' if self.causal else ''} needs a context with the "
-                f"input's positions: input {x.shape}, context {context.shape}. Use "
-                "position='none' for a context of another size."
-            )
-
-    def init_decode_state(self, batch_size: int) -> causal_lib.DecodeState:
-        """The decoding state before the first position of a causal layer.
-
-        Args:
-          batch_size: number of sequences decoded together.
-
-        Returns:
-          A ``DecodeState`` for ``apply(variables, x_t, decode_state=state)``.
-        """
-        if not self.causal:
-            raise ValueError("LambdaLayer.init_decode_state needs causal=True.")
-        window = self.receptive_field - 1 if self.position == "local" else 0
-        dtype = self.dtype if self.dtype is not None else self.param_dtype
-        return causal_lib.init_decode_state(
-            batch_size, self.dim_k, self.dim_u, self.dim_out // self.heads, window, dtype)
+    def _variables(self, x: jax.Array, context: jax.Array, embeddings: Optional[jax.Array]):
+        """The layer's ``params`` (arrays) and ``batch_stats`` (variables), declared with the
+        names and initialisers of the paper's layer."""
+        shapes = self.settings.param_shapes(x.shape[-1], context.shape[-1], tuple(x.shape[1:-1]))
+        channels, context_channels = x.shape[-1], context.shape[-1]
+        stddevs = {"query": (self.dim_k * channels) ** -0.5, "value": context_channels**-0.5,
+                   "key": context_channels**-0.5}
+        params: dict[str, Any] = {}
+        stats: dict[str, Any] = {}
+        for name in ("query", "value"):
+            params[name] = {"kernel": Kernel(*shapes[name]["kernel"], stddevs[name],
+                                             self.param_dtype, name=name)()}
+        if self.use_batchnorm:
+            for name in ("query_norm", "value_norm"):
+                params[name], stats[name] = BatchNormVariables(
+                    shapes[name]["scale"][0], self.param_dtype, name=name)()
+        params["key"] = {"kernel": Kernel(*shapes["key"]["kernel"], stddevs["key"],
+                                          self.param_dtype, name="key")()}
+        if self.position != "none" and embeddings is None:
+            name = EMBEDDING_NAMES[self.position]
+            params[name] = self.param(name, _normal(1.0), shapes[name], self.param_dtype)
+        if self.position_bias:
+            params["position_bias"] = self.param("position_bias", nn.initializers.zeros,
+                                                 shapes["position_bias"], self.param_dtype)
+        return params, stats
 
     @nn.compact
     def __call__(
@@ -280,19 +168,16 @@ class LambdaLayer(nn.Module):
         x: jax.Array,
         context: Optional[jax.Array] = None,
         train: bool = False,
-        decode_state: Optional[causal_lib.DecodeState] = None,
         embeddings: Optional[jax.Array] = None,
-    ):
+    ) -> jax.Array:
         """Applies the layer.
 
         Args:
           x: ``[batch, *spatial, channels]`` with 1 to 3 spatial axes: the queries' input.
           context: ``[batch, *context_spatial, context_channels]``, the keys' and values'
-            input (default: ``x``). Same rank as ``x``; with position lambdas or
-            ``causal=True`` it must have the positions of ``x``.
+            input (default: ``x``). Same rank as ``x``; with position lambdas it must have
+            the positions of ``x``.
           train: batch norm uses batch statistics (and updates ``batch_stats``) when True.
-          decode_state: for a causal layer, the state from ``init_decode_state`` or from the
-            previous step; ``x`` is then one position ``[batch, 1, channels]``.
           embeddings: position embeddings to use instead of the layer's own parameter, of
             shape ``position_embedding_shape(spatial)``: the relative table
             ``[2*S_1-1, ..., k, u]`` (``"global"``) or the kernel ``[r, ..., r, k, u]``
@@ -300,107 +185,25 @@ class LambdaLayer(nn.Module):
             layers can share one table (the paper's "shared embeddings", Table 4).
 
         Returns:
-          ``[batch, *spatial, dim_out]`` (each spatial size halved when ``stride=2``);
-          with ``decode_state``, the pair ``([batch, 1, dim_out], next DecodeState)``.
+          ``[batch, *spatial, dim_out]`` (each spatial size halved when ``stride=2``).
         """
-        self._check_settings(x)
-        if context is None:
-            context = x
-        else:
-            self._check_context(x, context)
-        if decode_state is not None and not (self.causal and x.shape[1] == 1):
-            raise ValueError(
-                "LambdaLayer decode_state needs causal=True and one position per step, "
-                f"[batch, 1, channels]; got causal={self.causal} and input {x.shape}."
-            )
-        batch, *spatial, channels = x.shape
-        spatial = tuple(spatial)
-        context_spatial = tuple(context.shape[1:-1])
-        n = math.prod(spatial)
-        m = math.prod(context_spatial)
-        h, k, u = self.heads, self.dim_k, self.dim_u
-        v = self.dim_out // h
-
-        def projection(features: int, stddev: float, name: str, dtype: Any) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=False,
-                kernel_init=_normal(stddev),
-                dtype=dtype,
-                param_dtype=self.param_dtype,
-                name=name,
-            )
-
-        context_channels = context.shape[-1]
-        queries = projection(k * h, (k * channels) ** -0.5, "query", self.dtype)(x)
-        values = projection(v * u, context_channels**-0.5, "value", self.dtype)(context)
-        if self.use_batchnorm:
-            queries = self._norm("query_norm", train)(queries)
-            values = self._norm("value_norm", train)(values)
-        compute_dtype = queries.dtype
-        accumulate = position_lib.accumulation_dtype(compute_dtype)
-        # The keys are softmax logits: a bfloat16 rounding of large keys would change
-        # which positions the softmax selects, so they are projected in float32.
-        keys = projection(k * u, context_channels**-0.5, "key", accumulate)(context)
-
-        queries = queries.reshape(batch, n, h, k)
-        keys = keys.reshape(batch, m, u, k)
-        values = values.reshape(batch, *context_spatial, u, v)
-        values = jnp.swapaxes(values, -1, -2)  # [batch, *context_spatial, v, u]
-        flat_values = values.reshape(batch, m, v, u)
-
-        if embeddings is not None and self.position == "none":
-            raise ValueError(
-                "LambdaLayer with position='none' takes no embeddings; set position='global' "
-                "or 'local', or leave embeddings out."
-            )
-        kernel = None
-        if self.position == "local":
-            kernel = self._position_embeddings(spatial, embeddings)
-
-        local = None  # the non-causal local formulation, resolved from "auto"
-        if decode_state is not None:
-            lambdas, decode_state = causal_lib.decode_content_step(
-                decode_state, keys[:, 0], flat_values[:, 0])
-            if kernel is not None:
-                position, decode_state = causal_lib.decode_position_step(
-                    decode_state, kernel, flat_values[:, 0], accumulate)
-                lambdas = lambdas + position
-            lambdas = lambdas[:, None]  # [batch, 1, k, v]
-        elif self.causal:
-            lambdas = causal_lib.causal_content_lambdas(keys, flat_values)
-            if kernel is not None:
-                lambdas = lambdas + position_lib.lambda_convolution(values, kernel, causal=True)
-        else:
-            keys = jax.nn.softmax(keys, axis=1).astype(compute_dtype)
-            lambdas = jnp.einsum(
-                "bmuk,bmvu->bkv", keys, flat_values, preferred_element_type=accumulate
-            )[:, None]  # content lambda, shared by every position: [batch, 1, k, v]
-            if kernel is not None:
-                local = self._local_implementation(spatial)
-            if self.position == "global":
-                table = self._position_embeddings(spatial, embeddings)
-                lambdas = lambdas + position_lib.global_position_lambdas(values, table)
-            elif local in position_lib.LAMBDA_IMPLEMENTATIONS:
-                lambdas = lambdas + position_lib.local_position_lambdas(values, kernel, local)
-        if self.position_bias:
-            bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
-            lambdas = lambdas + bias[:, None].astype(lambdas.dtype)
-
-        out = jnp.einsum(
-            "bnhk,bnkv->bnhv",
-            queries,
-            lambdas.astype(compute_dtype),
-            preferred_element_type=accumulate,
-        ).reshape(batch, *spatial, h * v)
-        if local in position_lib.OUTPUT_IMPLEMENTATIONS:
-            out = out + position_lib.local_position_output(
-                queries.reshape(batch, *spatial, h, k), values, kernel, local
-            )
-        out = out.astype(compute_dtype)
-        chex.assert_shape(out, (batch, *spatial, self.dim_out))
-        if decode_state is not None:
-            return out, decode_state
+        settings = self.settings
+        functional.check_call(settings, x, context, embeddings)
+        functional.check_relative_table(settings, self.variables.get("params", {}),
+                                        tuple(x.shape[1:-1]))
+        params, stat_variables = self._variables(x, x if context is None else context,
+                                                 embeddings)
+        stats = {name: {key: variable.value for key, variable in norm.items()}
+                 for name, norm in stat_variables.items()}
+        if self.is_initializing():
+            # Like nn.BatchNorm: statistics are not synchronised across devices at init.
+            settings = dataclasses.replace(settings, axis_name=None)
+        out, new_stats = functional.apply_lambda_layer(settings, params, x, context,
+                                                       embeddings, stats, train)
+        if train and not self.is_initializing():
+            for name, norm in stat_variables.items():
+                for key, variable in norm.items():
+                    variable.value = new_stats[name][key]
         if self.stride == 2:
             out = self._pool(out)
         return out

@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers import LambdaLayer
-from lambda_jax.layers.causal import DecodeState
+from lambda_jax.layers.causal import CausalLambdaLayer, DecodeState
 
 
 class FeedForward(nn.Module):
@@ -45,11 +44,12 @@ class LambdaDecoderBlock(nn.Module):
     mlp_ratio: int = 4
     dtype: Optional[Any] = None
 
-    def mixer(self, dim: int, **module_kwargs) -> LambdaLayer:
+    def mixer(self, dim: int, **module_kwargs) -> CausalLambdaLayer:
         """The causal local lambda layer of this block, ``dim`` channels in and out."""
-        return LambdaLayer(dim_out=dim, dim_k=self.dim_k, heads=self.heads, dim_u=self.dim_u,
-                           position="local", receptive_field=self.receptive_field,
-                           causal=True, dtype=self.dtype, **module_kwargs)
+        return CausalLambdaLayer(dim_out=dim, dim_k=self.dim_k, heads=self.heads,
+                                 dim_u=self.dim_u, position="local",
+                                 receptive_field=self.receptive_field, dtype=self.dtype,
+                                 **module_kwargs)
 
     @nn.compact
     def __call__(self, x: jax.Array, decode_state: Optional[DecodeState] = None):
