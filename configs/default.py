@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_workers = 0
     config.train_split = "train"
     config.eval_split = "test"
+    # Evaluation transform (timm's crop_pct and interpolation): None keeps the augmentation's
+    # own, a central size/(size+32) crop for 'imagenet' and a plain resize otherwise.
+    config.eval_crop_fraction = ml_collections.config_dict.placeholder(float)
+    config.eval_interpolation = ml_collections.config_dict.placeholder(str)
 
     # Global batch sizes: split over all devices of all hosts.
     config.batch_size = 64

@@ -8,12 +8,16 @@
   imported;
 * ``"hf-hub:<repo_id>"`` or ``"hf-hub:<repo_id>@<revision>"``, a Hugging Face Hub repository
   found in the local Hugging Face cache (needs ``huggingface_hub``; nothing is downloaded);
-* the path of a file written by :func:`save_model`.
+* the path of a file written by :func:`save_model`;
+* a training workdir of ``train.py`` (or its ``checkpoints`` folder, or one step folder
+  ``<workdir>/checkpoints/<step>``): the EMA weights of its newest intact checkpoint, rebuilt
+  with the model settings the run recorded.
 
 :func:`save_model` writes a portable export: one safetensors file whose tensors are keyed by the
 linen variable paths (``"params/stages_0_0/conv1/kernel"``, ``"batch_stats/..."``) and whose
 metadata holds, as JSON under the key ``"lambda_jax"``, the model name, the settings it was
-created with and the image size its variables are built for. Any safetensors reader reads it.
+created with, and the image size and channels its variables are built for. Any safetensors
+reader reads it.
 
 :func:`load_layer` loads one :class:`~lambda_jax.LambdaLayer` from a file holding a timm or a
 lambda-networks layer, alone or inside a bigger model.
@@ -24,10 +28,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import pathlib
 import uuid
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -39,6 +44,8 @@ from lambda_jax.convert import state_dict as sd
 from lambda_jax.layers.lambda_layer import LambdaLayer
 from lambda_jax.models import ARCHITECTURES, byoanet
 from lambda_jax.models.registry import create_model
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,6 +60,34 @@ RUNTIME_SETTINGS = frozenset({"dtype", "param_dtype", "axis_name", "drop_path_ra
                               "dropout_rate"})
 # Image side for a registered model that ARCHITECTURES does not describe.
 _DEFAULT_SIDE = 224
+# Image channels tried, in order, when a file does not record them: RGB, then grey.
+_CHANNELS = (3, 1)
+_WEIGHTS_KINDS = ("a timm .safetensors file, a file written by lambda_jax.save_model, a "
+                  "train.py workdir, or 'hf-hub:<repo_id>'")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelWeights:
+    """A model and its variables, with what they were built for.
+
+    Attributes:
+      model: the ``flax.linen`` module.
+      variables: ``{"params": ..., "batch_stats": ...}``.
+      name: the registered model name.
+      image_size: ``(height, width)`` the variables are built for (global position tables
+        cover exactly that size; :func:`lambda_jax.resize_relative_embeddings` moves them).
+      channels: image channels of the first layer.
+      source: where the variables came from, e.g. ``"/runs/a/checkpoints/200 (EMA)"``.
+      run_config: the training config of a workdir's run (a dict), else None.
+    """
+
+    model: nn.Module
+    variables: dict
+    name: str
+    image_size: tuple[int, int]
+    channels: int
+    source: str
+    run_config: Optional[dict] = None
 
 
 def _torch_conversion(path: Any) -> str:
@@ -121,23 +156,32 @@ def _hub_file(spec: str, name: Optional[str]) -> pathlib.Path:
 
 
 def _resolve(weights: PathLike, name: Optional[str]) -> pathlib.Path:
-    """The file that ``weights`` (a path or ``"hf-hub:..."``) names."""
+    """The file or directory that ``weights`` (a path or ``"hf-hub:..."``) names."""
     if isinstance(weights, str) and weights.startswith(HUB_PREFIX):
         return _hub_file(weights[len(HUB_PREFIX):], name)
     if not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(f"weights is the path of a weights file or 'hf-hub:<repo_id>', got "
+        raise TypeError(f"weights is the path of {_WEIGHTS_KINDS}, got "
                         f"{type(weights).__name__}.")
     path = pathlib.Path(weights).expanduser()
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a directory; weights is one file: a timm .safetensors file, a file "
-            "written by lambda_jax.save_model, or 'hf-hub:<repo_id>'."
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"No weights file at {path}: give the path of a .safetensors "
-                                "file (timm's or one written by lambda_jax.save_model) or "
-                                "'hf-hub:<repo_id>'.")
+    if not path.exists():
+        raise FileNotFoundError(f"No weights file or workdir at {path}: give the path of "
+                                f"{_WEIGHTS_KINDS}.")
     return path
+
+
+def _checkpoint_location(path: pathlib.Path) -> tuple[pathlib.Path, Optional[int]]:
+    """``(checkpoints folder, step or None)`` of a workdir, its checkpoints or a step folder."""
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name == "checkpoints":
+        return path, None
+    raise IsADirectoryError(
+        f"{path} is a directory but not a training workdir: it has no checkpoints/ folder "
+        "(train.py --workdir writes one). weights is "
+        f"{_WEIGHTS_KINDS}; a workdir's step folder is <workdir>/checkpoints/<step>."
+    )
 
 
 def _unreadable(path: pathlib.Path, error: Exception) -> ValueError:
@@ -233,24 +277,32 @@ def _same_setting(given: Any, recorded: Any) -> bool:
         return False
 
 
-def _export_settings(path: pathlib.Path, record: Mapping[str, Any], name: str,
-                     overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The recorded settings with ``overrides`` on top, which may change runtime settings only."""
-    if record["model"] != name:
-        raise ValueError(f"{path} holds weights of {record['model']!r}, not {name!r}: call "
-                         f"load_model({record['model']!r}, weights=...).")
-    recorded = _decode(record["settings"])
-    exported = create_model(name, **recorded)
+def _name_check(source: str, holds: str, name: Optional[str]) -> str:
+    """``holds``, the model a source was saved from, if ``name`` is None or names it."""
+    if name is not None and name != holds:
+        raise ValueError(f"{source} holds weights of {holds!r}, not {name!r}: call "
+                         f"load_model({holds!r}, weights=...), or name=None for the model it "
+                         "holds.")
+    return holds
+
+
+def _fixed_settings(source: str, noun: str, name: str, recorded: Mapping[str, Any],
+                    overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The recorded settings with ``overrides`` on top, which may change runtime settings only.
+
+    ``noun`` says what recorded them ("the export", "the run") in the messages.
+    """
+    saved = create_model(name, **recorded)
     conflicts = [
-        f"{key}={value!r} (the export has {getattr(exported, key)!r})"
+        f"{key}={value!r} ({noun} has {getattr(saved, key)!r})"
         for key, value in overrides.items()
-        if key not in RUNTIME_SETTINGS and hasattr(exported, key)
-        and not _same_setting(value, getattr(exported, key))
+        if key not in RUNTIME_SETTINGS and hasattr(saved, key)
+        and not _same_setting(value, getattr(saved, key))
     ]
     if conflicts:
         raise ValueError(
-            f"{path} was exported from {name!r} with other settings: {'; '.join(conflicts)}. "
-            f"An export fixes the architecture: drop these overrides (only "
+            f"{source} was saved from {name!r} with other settings: {'; '.join(conflicts)}. "
+            f"Saved weights fix the architecture: drop these overrides (only "
             f"{', '.join(sorted(RUNTIME_SETTINGS))} may differ), or build the other model with "
             "lambda_jax.create_model and copy into it the variables you want."
         )
@@ -266,8 +318,8 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _expected(model: nn.Module, side: tuple[int, int]) -> Any:
-    images = jax.ShapeDtypeStruct((1, *side, 3), jnp.float32)
+def _expected(model: nn.Module, side: tuple[int, int], channels: int = 3) -> Any:
+    images = jax.ShapeDtypeStruct((1, *side, channels), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)
 
 
@@ -280,11 +332,23 @@ def _take(arrays: Mapping[str, Any], expected: Any, target: str) -> Any:
     return taken
 
 
-def _target(name: str, side: tuple[int, int]) -> str:
-    return f"lambda_jax's {name!r} for {side[0]}x{side[1]} images"
+def _target(name: str, side: tuple[int, int], channels: int = 3) -> str:
+    return f"lambda_jax's {name!r} for {side[0]}x{side[1]}x{channels} images"
 
 
-def _built_side(name: str, model: nn.Module, arrays: Mapping[str, Any]) -> tuple[int, int]:
+def _first_fit(fit: Callable[[int], Any]) -> tuple[Any, int]:
+    """``(fit(channels), channels)`` for the first of _CHANNELS that fits; else RGB's error."""
+    first_error = None
+    for channels in _CHANNELS:
+        try:
+            return fit(channels), channels
+        except sd.StateDictMismatchError as error:
+            first_error = first_error or error
+    raise first_error
+
+
+def _built_side(name: str, model: nn.Module, arrays: Mapping[str, Any],
+                channels: int) -> tuple[int, int]:
     """The image size whose variables ``arrays`` are (checked), by default the model's own.
 
     Relative position tables span ``2S - 1`` offsets of a layer input of side ``S``, which
@@ -293,7 +357,7 @@ def _built_side(name: str, model: nn.Module, arrays: Mapping[str, Any]) -> tuple
     side = getattr(model, "image_size", None) or ARCHITECTURES.get(name, {}).get(
         "resolution", _DEFAULT_SIDE)
     default = (side, side)
-    expected = _expected(model, default)
+    expected = _expected(model, default, channels)
     for key, struct in _flat(expected).items():
         stored = getattr(arrays.get(key), "shape", struct.shape)
         if tuple(stored) != struct.shape and len(stored) == len(struct.shape):
@@ -301,20 +365,48 @@ def _built_side(name: str, model: nn.Module, arrays: Mapping[str, Any]) -> tuple
             guess, remainder = divmod(side * (length + 1), built + 1)
             if remainder == 0 and guess > 0:
                 try:
-                    _take(arrays, _expected(model, (guess, guess)), "")
+                    _take(arrays, _expected(model, (guess, guess), channels), "")
                     return (guess, guess)
                 except sd.StateDictMismatchError:
                     pass
             break
-    _take(arrays, expected, _target(name, default))
+    _take(arrays, expected, _target(name, default, channels))
     return default
 
 
-def load_model(name: str, weights: PathLike, **overrides: Any) -> tuple[nn.Module, dict]:
+def open_weights(name: Optional[str], weights: PathLike, **overrides: Any) -> ModelWeights:
+    """:func:`load_model` with what the variables were built for: a :class:`ModelWeights`.
+
+    Arguments and errors are those of :func:`load_model`.
+    """
+    path = _resolve(weights, name)
+    if path.is_dir():
+        return _load_workdir(path, name, overrides)
+    arrays, record = _read(path)
+    if record is None:
+        return _load_timm(path, arrays, name, overrides)
+    name = _name_check(str(path), record["model"], name)
+    settings = _fixed_settings(str(path), "the export", name, _decode(record["settings"]),
+                               overrides)
+    model = create_model(name, **settings)
+    side, channels = tuple(record["image_size"]), record.get("channels", 3)
+    expected = _expected(model, side, channels)
+    try:
+        taken = _take(arrays, expected, _target(name, side, channels))
+    except sd.StateDictMismatchError as error:
+        raise sd.StateDictMismatchError(
+            f"{path} (an export of {name!r} with settings {record['settings']}): {error}"
+        ) from None
+    return ModelWeights(model, sd.cast_like(taken, expected), name, side, channels, str(path))
+
+
+def load_model(name: Optional[str], weights: PathLike,
+               **overrides: Any) -> tuple[nn.Module, dict]:
     """The model registered as ``name`` with the variables of ``weights``.
 
     Args:
-      name: one of :func:`lambda_jax.list_models`.
+      name: one of :func:`lambda_jax.list_models`; None for the model that an export or a
+        workdir holds (a timm file needs the name).
       weights: where the variables are:
 
         * the path of a timm ``.safetensors`` file, ``timm.create_model(name).state_dict()``
@@ -325,49 +417,49 @@ def load_model(name: str, weights: PathLike, **overrides: Any) -> tuple[nn.Modul
           in the local Hugging Face cache (``HF_HUB_CACHE`` or ``HF_HOME``); needs
           ``huggingface_hub``, and never downloads;
         * the path of a file written by :func:`save_model`: the model is rebuilt with the
-          settings it records.
+          settings it records;
+        * a ``train.py`` workdir, its ``checkpoints`` folder, or one step folder
+          ``<workdir>/checkpoints/<step>``: the weights evaluated by the run (its EMA
+          parameters and batch statistics) of the newest checkpoint that passes its checksums
+          (damaged ones are skipped with a warning and left in place), or of that step; the
+          model is rebuilt with the run's model, ``model_overrides``, class count and
+          ``dtype``. Nothing in the workdir is written or moved, so a run may still be
+          training there. Needs orbax-checkpoint (the training extra).
       **overrides: settings passed to :func:`lambda_jax.create_model` (``num_classes``,
-        ``dtype``, ...). For an export they go on top of the recorded ones, and only
-        ``dtype``, ``param_dtype``, ``axis_name``, ``drop_path_rate`` and ``dropout_rate``
-        may differ from them.
+        ``dtype``, ...). For an export or a workdir they go on top of the recorded ones, and
+        only ``dtype``, ``param_dtype``, ``axis_name``, ``drop_path_rate`` and
+        ``dropout_rate`` may differ from them.
 
     Returns:
       ``(model, variables)``: ``model.apply(variables, images)`` with ``images
-      [batch, height, width, 3]`` gives logits ``[batch, num_classes]``; ``variables`` is
-      ``{"params": ..., "batch_stats": ...}`` in the model's ``param_dtype``.
+      [batch, height, width, channels]`` gives logits ``[batch, num_classes]``;
+      ``variables`` is ``{"params": ..., "batch_stats": ...}`` in the model's
+      ``param_dtype``. :func:`open_weights` also says the image size and channels they are
+      built for.
 
     Raises:
       StateDictMismatchError: if the weights do not fit the model, naming every missing,
         unexpected or misshapen key with both shapes.
-      FileNotFoundError: no such file, or the repository is not in the Hugging Face cache (the
-        message says where it looked).
-      IsADirectoryError: ``weights`` is a directory.
+      FileNotFoundError: no such file or workdir, a workdir without checkpoints, or the
+        repository is not in the Hugging Face cache (the message says where it looked).
+      IsADirectoryError: ``weights`` is a directory that is not a workdir.
       ValueError: for a file that is not safetensors (a PyTorch pickle needs converting: the
-        message says how), an export of another model or with conflicting settings.
+        message says how), weights of another model, or conflicting settings.
+      CheckpointError: every checkpoint of a workdir is damaged, or the given step is.
       ImportError: ``"hf-hub:..."`` without ``huggingface_hub`` installed.
     """
-    path = _resolve(weights, name)
-    arrays, record = _read(path)
-    if record is None:
-        return _load_timm(path, arrays, name, overrides)
-    settings = _export_settings(path, record, name, overrides)
-    model = create_model(name, **settings)
-    side = tuple(record["image_size"])
-    expected = _expected(model, side)
-    try:
-        taken = _take(arrays, expected, _target(name, side))
-    except sd.StateDictMismatchError as error:
-        raise sd.StateDictMismatchError(
-            f"{path} (an export of {name!r} with settings {record['settings']}): {error}"
-        ) from None
-    return model, sd.cast_like(taken, expected)
+    loaded = open_weights(name, weights, **overrides)
+    return loaded.model, loaded.variables
 
 
-def _load_timm(path: pathlib.Path, arrays: Mapping[str, np.ndarray], name: str,
-               overrides: Mapping[str, Any]) -> tuple[nn.Module, dict]:
+def _load_timm(path: pathlib.Path, arrays: Mapping[str, np.ndarray], name: Optional[str],
+               overrides: Mapping[str, Any]) -> ModelWeights:
     if any(key.startswith(("params/", "batch_stats/")) for key in arrays):
         raise ValueError(f"{path} holds lambda_jax variables but no {METADATA_KEY!r} metadata "
                          "(the model name and settings); write it with lambda_jax.save_model.")
+    if name is None:
+        raise ValueError(f"{path} is a timm state_dict, which does not name its model: pass "
+                         f"the name, one of {', '.join(sorted(byoanet.CONFIGS))}.")
     model = create_model(name, **overrides)
     if not isinstance(model, byoanet.TimmLambdaResNet):
         raise ValueError(
@@ -376,9 +468,73 @@ def _load_timm(path: pathlib.Path, arrays: Mapping[str, np.ndarray], name: str,
             f"{', '.join(sorted(byoanet.CONFIGS))}; {name!r} is not one of them."
         )
     try:
-        return model, from_timm(arrays, model)
+        variables = from_timm(arrays, model)
     except sd.StateDictMismatchError as error:
         raise sd.StateDictMismatchError(f"{path} (read as a timm state_dict): {error}") from None
+    return ModelWeights(model, variables, name, (model.image_size,) * 2, 3, str(path))
+
+
+def _read_checkpoint(directory: pathlib.Path, step: Optional[int]) -> tuple[int, dict, dict]:
+    """``(step, run, state)`` of ``step`` or of the newest checkpoint that verifies."""
+    from lambda_jax.train import checkpoint
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory.parent} has no checkpoints yet ({directory} does "
+                                "not exist): train with train.py --workdir first.")
+    reader = checkpoint.Checkpointer(directory, keep=1, async_saves=False, read_only=True)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {directory}: the run has not saved one "
+                                    "yet (train.py saves at each evaluation and at the end).")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; its steps "
+                                    f"are {steps}.")
+        damaged = []
+        for candidate in [step] if step is not None else reversed(steps):
+            try:
+                return candidate, reader.read_run(candidate), reader.read_state(candidate)
+            except checkpoint.DamagedCheckpointError as error:
+                if step is not None:
+                    raise
+                logger.warning("%s Trying the previous checkpoint.", error)
+                damaged.append(str(candidate))
+        raise checkpoint.CheckpointError(
+            f"Every checkpoint in {directory} is damaged (steps {', '.join(damaged)}; the "
+            "warnings say why). Nothing was moved.")
+    finally:
+        reader.close()
+
+
+def _load_workdir(path: pathlib.Path, name: Optional[str],
+                  overrides: Mapping[str, Any]) -> ModelWeights:
+    directory, step = _checkpoint_location(path)
+    step, run, state = _read_checkpoint(directory, step)
+    source = f"{directory / str(step)}"
+    config = run.get("config") or {}
+    name = _name_check(source, run["model"], name)
+    recorded = {"num_classes": run["num_classes"], **_decode(run.get("model_overrides") or {})}
+    if "dtype" in config:
+        recorded["dtype"] = getattr(jnp, config["dtype"])
+    settings = _fixed_settings(source, "the run", name, recorded, overrides)
+    model = create_model(name, **settings)
+    # The run evaluates its exponential moving average; a state without one, its parameters.
+    ema = bool(state.get("ema_params"))
+    arrays = _flat({"params": state["ema_params" if ema else "params"],
+                    "batch_stats": state.get("ema_batch_stats" if ema else "batch_stats", {})})
+    side = (config["image_size"],) * 2 if "image_size" in config else None
+    try:
+        if side is None:
+            side, channels = _first_fit(lambda c: _built_side(name, model, arrays, c))
+        taken, channels = _first_fit(
+            lambda c: _take(arrays, _expected(model, side, c), _target(name, side, c)))
+    except sd.StateDictMismatchError as error:
+        raise sd.StateDictMismatchError(
+            f"{source} (a run of {name!r} with overrides {run.get('model_overrides')}): {error}"
+        ) from None
+    expected = _expected(model, side, channels)
+    return ModelWeights(model, sd.cast_like(taken, expected), name, side, channels,
+                        f"{source} ({'EMA' if ema else 'parameters'})", config or None)
 
 
 def save_model(path: PathLike, name: str, variables: Mapping[str, Any],
@@ -387,7 +543,8 @@ def save_model(path: PathLike, name: str, variables: Mapping[str, Any],
 
     The file is safetensors: a tensor per variable, keyed by its path
     (``"params/stages_0_0/conv1/kernel"``, ``"batch_stats/..."``), and, as JSON under the
-    metadata key ``"lambda_jax"``, ``{"format_version", "model", "settings", "image_size"}``.
+    metadata key ``"lambda_jax"``, ``{"format_version", "model", "settings", "image_size",
+    "channels"}`` (files without ``channels`` are read as RGB).
     :func:`load_model` reads it back into the same model and the same arrays. The variables
     are checked against the model before anything is written, and the file is written beside
     ``path`` and then renamed onto it, so a failed or interrupted save leaves an existing file
@@ -417,9 +574,10 @@ def save_model(path: PathLike, name: str, variables: Mapping[str, Any],
     model = create_model(name, **overrides)
     arrays = {key: np.ascontiguousarray(jax.device_get(leaf))
               for key, leaf in _flat(variables).items()}
-    side = _built_side(name, model, arrays)
+    side, channels = _first_fit(lambda channels: _built_side(name, model, arrays, channels))
     record = {"format_version": FORMAT_VERSION, "model": name, "settings": settings,
-              "image_size": list(side), "lambda_jax_version": __version__}
+              "image_size": list(side), "channels": channels,
+              "lambda_jax_version": __version__}
     path = pathlib.Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; save_model writes one file, e.g. "

@@ -120,7 +120,8 @@ def test_export_round_trip_is_exact_and_readable_by_any_safetensors_reader(tiny)
     assert {"params/head/kernel", "batch_stats/stage1_block1/bn1/mean"} <= keys
     record = json.loads(metadata["lambda_jax"])
     assert record["model"] == TINY and record["settings"] == {"num_classes": 10}
-    assert record["image_size"] == [32, 32] and record["format_version"] == 1
+    assert record["image_size"] == [32, 32] and record["channels"] == 3
+    assert record["format_version"] == 1
 
 
 def test_global_model_round_trip_records_its_slots_and_image_size(tmp_path):
@@ -154,11 +155,11 @@ def test_export_errors_say_what_to_do(tiny, tmp_path):
         lambda_jax.load_model(TINY, path, num_classes=5)
     with pytest.raises(ValueError, match=r"stage_widths=\(8, 16, 32, 64\) \(the export has "):
         lambda_jax.load_model(TINY, path, stage_widths=(8, 16, 32, 64))
-    with pytest.raises(FileNotFoundError, match="No weights file at .*nothing.safetensors"):
+    with pytest.raises(FileNotFoundError, match="No weights file or workdir at .*nothing.safetensors"):
         lambda_jax.load_model(TINY, tmp_path / "nothing.safetensors")
     with pytest.raises(IsADirectoryError, match="is a directory"):
         lambda_jax.load_model(TINY, tmp_path)
-    with pytest.raises(TypeError, match="weights is the path of a weights file"):
+    with pytest.raises(TypeError, match="weights is the path of a timm .safetensors file"):
         lambda_jax.load_model(TINY, variables)
 
     text = tmp_path / "notes.txt"

@@ -115,16 +115,26 @@ class TrainPreprocess(grain.RandomMapTransform):
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess(grain.MapTransform):
     """A padded example -> {'image': uint8 [size, size, channels], 'label': int32 [],
-    'mask': float32 []}."""
+    'mask': float32 []}.
+
+    `crop_fraction` and `interpolation` (config.eval_crop_fraction and
+    config.eval_interpolation) are those of `preprocessing.preprocess_for_eval`; None keeps
+    the augmentation's own evaluation transform."""
 
     augment: str
     image_size: int
     channels: int
+    crop_fraction: float | None = None
+    interpolation: str | None = None
+
+    def __post_init__(self):
+        preprocessing.check_eval_options(self.crop_fraction, self.interpolation)
 
     def map(self, example):
         image = preprocessing.preprocess_for_eval(
             _image(example), augment=self.augment, image_size=self.image_size,
-            channels=self.channels)
+            channels=self.channels, crop_fraction=self.crop_fraction,
+            interpolation=self.interpolation)
         chex.assert_shape(image, (self.image_size, self.image_size, self.channels))
         return {"image": image, "label": np.int32(example["label"]),
                 "mask": np.float32(example["mask"])}

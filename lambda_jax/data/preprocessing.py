@@ -29,6 +29,13 @@ ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 MAX_CROP_ATTEMPTS = 10
 CIFAR_PADDING = 4
 PIL_MODES = {1: "L", 3: "RGB"}
+# The evaluation resampling filters by name (timm's `interpolation`).
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def is_encoded(image) -> bool:
@@ -165,14 +172,40 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator):
     return None
 
 
-def central_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """The evaluation crop: a centred square of size/(size+CROP_PADDING) of the shorter side.
+def central_crop_box(height: int, width: int, size: int,
+                     crop_fraction: float | None = None) -> tuple[int, int, int, int]:
+    """The evaluation crop: a centred square of the shorter side.
+
+    Args:
+      height, width: the image's size.
+      size: the output side the crop is resized to.
+      crop_fraction: None keeps size/(size+CROP_PADDING) of the shorter side. A number in
+        (0, 1] is timm's `crop_pct`: timm resizes the shorter side to floor(size /
+        crop_fraction) and takes the central size x size, so the crop keeps
+        size / floor(size / crop_fraction) of the shorter side.
 
     Returns:
       (top, left, crop, crop).
     """
-    crop = max(1, int(round(size / (size + CROP_PADDING) * min(height, width))))
+    if crop_fraction is None:
+        kept = size / (size + CROP_PADDING)
+    else:
+        check_eval_options(crop_fraction, None)
+        kept = size / math.floor(size / crop_fraction)
+    crop = max(1, int(round(kept * min(height, width))))
     return (height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop
+
+
+def check_eval_options(crop_fraction: float | None, interpolation: str | None) -> None:
+    """Raises ValueError for a crop fraction outside (0, 1] or an unknown filter name."""
+    if crop_fraction is not None and (isinstance(crop_fraction, bool)
+                                      or not isinstance(crop_fraction, (int, float))
+                                      or not 0 < crop_fraction <= 1):
+        raise ValueError(f"The evaluation crop fraction must be a number in (0, 1] (timm's "
+                         f"crop_pct, e.g. 0.95), got {crop_fraction!r}.")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"The evaluation interpolation must be one of "
+                         f"{sorted(INTERPOLATIONS)}, got {interpolation!r}.")
 
 
 def random_resized_crop(image, rng: np.random.Generator, size: int, *,
@@ -195,20 +228,24 @@ def random_resized_crop(image, rng: np.random.Generator, size: int, *,
     return crop_and_resize(image, box, size, channels=channels)
 
 
-def central_crop_and_resize(image, size: int, *, channels: int = 3) -> np.ndarray:
+def central_crop_and_resize(image, size: int, *, channels: int = 3,
+                            crop_fraction: float | None = None,
+                            resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
     """`central_crop_box` resized to `size` x `size`.
 
     Args:
       image: uint8 [height, width, channels], or encoded bytes (see `crop_and_resize`).
       size: output height and width.
       channels: channels to decode encoded bytes to.
+      crop_fraction: see `central_crop_box`.
+      resample: PIL filter.
 
     Returns:
       uint8 [size, size, channels].
     """
     height, width = image_shape(image)
-    return crop_and_resize(image, central_crop_box(height, width, size), size,
-                           channels=channels)
+    return crop_and_resize(image, central_crop_box(height, width, size, crop_fraction), size,
+                           resample, channels=channels)
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -262,18 +299,30 @@ def preprocess_for_train(image, rng: np.random.Generator, *, augment: str, image
     return image
 
 
-def preprocess_for_eval(image, *, augment: str, image_size: int, channels: int) -> np.ndarray:
+def preprocess_for_eval(image, *, augment: str, image_size: int, channels: int,
+                        crop_fraction: float | None = None,
+                        interpolation: str | None = None) -> np.ndarray:
     """The evaluation steps for one image, matching `preprocess_for_train`'s `augment`.
 
-    'imagenet': central_crop_and_resize; 'cifar' and 'none': resize.
+    'imagenet': central_crop_and_resize; 'cifar' and 'none': resize. A `crop_fraction`
+    takes the central crop for every `augment` (timm's evaluation transform, with
+    `interpolation`).
 
     Args:
       image: uint8 [height, width, channels], or encoded bytes.
       channels: the output's channels (encoded bytes are decoded to them).
+      crop_fraction: None: the augmentation's own crop (size/(size+32) for 'imagenet', none
+        otherwise); else timm's `crop_pct` (see `central_crop_box`).
+      interpolation: a name in INTERPOLATIONS; None: bicubic for a crop, bilinear for a
+        resize.
 
     Returns:
       uint8 [image_size, image_size, channels].
     """
-    if augment == "imagenet":
-        return central_crop_and_resize(image, image_size, channels=channels)
-    return resize(image, image_size, channels=channels)
+    check_eval_options(crop_fraction, interpolation)
+    if augment == "imagenet" or crop_fraction is not None:
+        resample = INTERPOLATIONS[interpolation or "bicubic"]
+        return central_crop_and_resize(image, image_size, channels=channels,
+                                       crop_fraction=crop_fraction, resample=resample)
+    return resize(image, image_size, INTERPOLATIONS[interpolation or "bilinear"],
+                  channels=channels)

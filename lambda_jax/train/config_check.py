@@ -28,6 +28,7 @@ MAY_CHANGE_ON_RESUME = (
     "data_dir",
     "distributed",
     "eval_batch_size",  # evaluation pads to it; training never sees it
+    "eval_crop_fraction", "eval_interpolation",  # the evaluation transform only
     "eval_every_steps",
     "init_from",  # read only when a run starts without checkpoints
     "keep_checkpoints",
