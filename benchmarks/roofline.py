@@ -38,7 +38,8 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
             jax.random.key(1), channels, channels, dim_k, heads, (size, size),
             receptive_field=r if local else None)
         ref_apply = lambda p, x, pos=pos: baselines.reference_lambda(p, x, heads, pos)  # noqa: E731
-        reference_flops = common.flops_of(baselines.training_step(ref_apply), ref_params, x)
+        ref_step, g = common.training_step(ref_apply, ref_params, x)
+        reference_flops = common.flops_of(ref_step, ref_params, x, g)
         implementations = ["shift", "banded", "conv"] if local else ["auto"]
         variants = {("lambda_jax " + impl if local else "lambda_jax"): impl
                     for impl in implementations}
@@ -52,8 +53,8 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
                                 receptive_field=r or 1, implementation=impl)
                 apply, params = baselines.init_lambda_layer(jax.random.key(1), x, **settings)
             compiled[label, "forward"] = common.compile_case(apply, params, x)
-            compiled[label, "train"] = common.compile_case(
-                baselines.training_step(apply), params, x)
+            step, g = common.training_step(apply, params, x)
+            compiled[label, "train"] = common.compile_case(step, params, x, g)
         runners = {key: case["run"] for key, case in compiled.items()}
         runners["matmul"] = matmul["run"]
         seconds = common.time_interleaved(runners, runs)
@@ -93,8 +94,8 @@ def scope_sweep_rows(batch, size, channels, dim_k, heads, scopes, runs, shift_ma
                 jax.random.key(1), x, dim_out=channels, dim_k=dim_k, heads=heads, dim_u=u,
                 position="local", receptive_field=r, implementation=impl)
             compiled[impl, "forward"] = common.compile_case(apply, params, x)
-            compiled[impl, "train"] = common.compile_case(baselines.training_step(apply),
-                                                          params, x)
+            step, g = common.training_step(apply, params, x)
+            compiled[impl, "train"] = common.compile_case(step, params, x, g)
         seconds = common.time_interleaved(
             {key: case["run"] for key, case in compiled.items()}, runs)
         for impl in implementations:
@@ -132,10 +133,9 @@ def position_term_rows(batch, size, dim_k, heads, depth_v, receptive_fields, run
         kernel = jax.random.normal(keys[2], (r, r, dim_k, 1))
         compiled = {}
         for label, f in formulations:
-            loss = lambda q, v, e, f=f: jnp.sum(f(q, v, e))  # noqa: E731
             compiled[label, "forward"] = common.compile_case(f, queries, values, kernel)
-            compiled[label, "train"] = common.compile_case(
-                jax.grad(loss, argnums=(0, 1, 2)), queries, values, kernel)
+            step, g = common.training_step(f, queries, values, kernel, argnums=(0, 1, 2))
+            compiled[label, "train"] = common.compile_case(step, queries, values, kernel, g)
         seconds = common.time_interleaved(
             {key: case["run"] for key, case in compiled.items()}, runs)
         for label, _ in formulations:
