@@ -47,9 +47,10 @@ CASES = [
     ((9,), 2, 3, 4, 2, 5),  # sequence
     ((3, 4, 2), 2, 2, 3, 2, 3),  # volume
 ]
-# A 12 x 20 image with r = 5 has 3 blocks of 8 output columns reading 12 input columns; one
+# A 13 x 20 image with r = 5 has 3 blocks of 8 output columns reading 12 input columns; one
 # output row's band rows take batch 2 * blocks 3 * v 4 * r 5 * 12 columns * u 2 * 4 bytes, so
-# "tiles" runs 6 tiles of 2 rows and "rows" one tile per row. The default is one tile here.
+# "tiles" runs 7 tiles of 2 rows (the last padded by one) and "rows" one tile per row. The
+# default is one tile here.
 TILED = {
     "default": position.tiled_position_output,
     "tiles": functools.partial(position.tiled_position_output,
@@ -62,7 +63,7 @@ def _output_cases():
     for case in CASES:
         yield pytest.param("shift", *case, id=f"shift-{case[0]}-u{case[4]}-r{case[5]}")
     for name, case in (("default", CASES[0]), ("default", CASES[1]),
-                       ("tiles", ((12, 20), 2, 3, 4, 2, 5)), ("rows", ((7, 9), 2, 3, 2, 1, 3))):
+                       ("tiles", ((13, 20), 2, 3, 4, 2, 5)), ("rows", ((7, 9), 2, 3, 2, 1, 3))):
         yield pytest.param(name, *case, id=f"tiled-{name}-{case[0]}-u{case[4]}-r{case[5]}")
 
 

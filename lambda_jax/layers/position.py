@@ -204,11 +204,11 @@ def _band_matrices(kernel: jax.Array, width: int, block: int) -> tuple[jax.Array
     return bands, columns
 
 
-def _band_windows(values: jax.Array, columns: np.ndarray, c: int) -> jax.Array:
-    """The input columns of every block, with c zero rows above and below:
-    ``[b, H, W, v, u]`` -> ``[b, H + 2c, blocks, X, v, u]``."""
+def _band_windows(values: jax.Array, columns: np.ndarray, c: int, below: int = 0) -> jax.Array:
+    """The input columns of every block, with c zero rows above and ``c + below`` below:
+    ``[b, H, W, v, u]`` -> ``[b, H + 2c + below, blocks, X, v, u]``."""
     right = columns.max() + 1 - values.shape[2] - c
-    return jnp.pad(values, ((0, 0), (c, c), (c, right), (0, 0), (0, 0)))[:, :, columns]
+    return jnp.pad(values, ((0, 0), (c, c + below), (c, right), (0, 0), (0, 0)))[:, :, columns]
 
 
 def banded_lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -243,10 +243,11 @@ def banded_lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array
 
 
 def _tile_rows(height: int, row_bytes: int, tile_bytes: int) -> int:
-    """Output rows per tile: the most rows dividing ``height`` whose band rows fit in
-    ``tile_bytes`` (at least one row)."""
-    return max((t for t in range(1, height + 1) if height % t == 0 and t * row_bytes <= tile_bytes),
-               default=1)
+    """Output rows per tile: as many as fit in ``tile_bytes`` (at least one), then evened
+    out over the tiles that takes, so the last tile pads as few rows as possible."""
+    rows = min(height, max(1, tile_bytes // row_bytes))
+    tiles = -(-height // rows)
+    return -(-height // tiles)
 
 
 def _tiled_output(queries, values, kernel, tile_bytes):
@@ -262,13 +263,15 @@ def _tiled_output(queries, values, kernel, tile_bytes):
     blocks, span = columns.shape
     # [r, B, X, k, u] -> [(dy, X, u), (x, k)]: the contraction of one matrix product.
     bands = jnp.transpose(bands, (0, 2, 4, 1, 3)).reshape(r * span * depth_u, block * depth_k)
-    # [b, H + 2c, blocks, X, v, u] -> [b, blocks, v, H + 2c, X, u]: a tile's r shifted row
-    # windows then stack into [..., rows, r, X, u] with the contraction contiguous.
-    windows = jnp.transpose(_band_windows(values, columns, c), (0, 2, 4, 1, 3, 5))
     row_bytes = batch * blocks * depth_v * r * span * depth_u * jnp.dtype(dtype).itemsize
     rows = _tile_rows(height, row_bytes, tile_bytes)
-    tiles = height // rows
-    queries = jnp.pad(queries, ((0, 0), (0, 0), (0, blocks * block - width), (0, 0), (0, 0)))
+    tiles = -(-height // rows)
+    below = tiles * rows - height  # zero rows that even the tiles out, cut from the output
+    # [b, H + 2c + below, blocks, X, v, u] -> [b, blocks, v, H + 2c + below, X, u]: a tile's
+    # r shifted row windows then stack into [..., rows, r, X, u], the contraction contiguous.
+    windows = jnp.transpose(_band_windows(values, columns, c, below), (0, 2, 4, 1, 3, 5))
+    queries = jnp.pad(queries, ((0, 0), (0, below), (0, blocks * block - width), (0, 0),
+                                (0, 0)))
     queries = queries.reshape(batch, tiles, rows, blocks, block, heads, depth_k)
 
     @jax.checkpoint
@@ -283,8 +286,8 @@ def _tiled_output(queries, values, kernel, tile_bytes):
 
     out = jax.lax.map(lambda args: tile(*args),
                       (jnp.arange(tiles) * rows, jnp.moveaxis(queries, 1, 0)))
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, height, blocks * block, heads * depth_v)
-    return out[:, :, :width]
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, tiles * rows, blocks * block, heads * depth_v)
+    return out[:, :height, :width]
 
 
 def tiled_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array,
