@@ -42,7 +42,8 @@ MODELS = (
     models.ModelSpec("lambda_resnet50", "LambdaResNet-50", "lambda_resnet50", BF16),
 )
 # The paper's placement table (TPUv3, examples/s), as ratios to C-C-C-C.
-PAPER_TRAIN_RATIOS = {"ResNet-50": 1.0, "ResNet-50, lambda layers (Table 3, L-L-L-L)": 1160 / 7240,
+PAPER_TRAIN_RATIOS = {"ResNet-50": 1.0,
+                      "ResNet-50, lambda layers (Table 3, L-L-L-L)": 1160 / 7240,
                       "ResNet-50, C-C-L-L": 4980 / 7240}
 # One-stage, one-block models that compile in seconds on CPU.
 _ONE_BLOCK = (("stage_depths", (1,)), ("stage_widths", (16,)), ("stage_strides", (1,)))
@@ -95,7 +96,8 @@ def main():
     args = common.parse_args(__doc__.splitlines()[0], add_arguments)
     platform = jax.default_backend()
     if args.smoke:
-        shapes, specs, size, batch, runs = local_formulations.SMOKE_SHAPES[:1], SMOKE_MODELS, 16, 2, 1
+        shapes, specs = local_formulations.SMOKE_SHAPES[:1], SMOKE_MODELS
+        size, batch, runs = 16, 2, 1
     else:
         shapes = lambda_shapes.paper_lambda_shapes()
         specs, size, batch, runs = MODELS, 224, 64, args.runs
