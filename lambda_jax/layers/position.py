@@ -291,7 +291,7 @@ def _tiled_output(queries, values, kernel, tile_bytes):
 
 
 def tiled_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array,
-                          tile_bytes: int = 2**22) -> jax.Array:
+                          tile_bytes: int = 2**21) -> jax.Array:
     """The queries applied to an image's position lambdas, ``Σ_k q λp``, tile by tile.
 
     The position lambdas of a tile of output rows are one matrix product of the value rows
@@ -306,7 +306,7 @@ def tiled_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Arr
       queries: ``[batch, height, width, h, k]``.
       values: ``[batch, height, width, v, u]``.
       kernel: ``[r, r, k, u]`` (r odd).
-      tile_bytes: the most memory one tile's band rows may take (4 MiB: larger tiles were
+      tile_bytes: the most memory one tile's band rows may take (2 MiB: larger tiles were
         no faster on CPU at the Table 3 layers and take more memory).
 
     Returns:
