@@ -132,18 +132,6 @@ def convolution(params, x, heads):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def scalar_loss(apply):
-    """``(params, x) -> sum(apply(params, x))`` for forward + backward measurements."""
-    def loss(params, x):
-        return jnp.sum(apply(params, x).astype(jnp.float32))
-    return loss
-
-
-def training_step(apply):
-    """Forward + backward: the gradients of ``scalar_loss`` w.r.t. parameters and input."""
-    return jax.grad(scalar_loss(apply), argnums=(0, 1))
-
-
 def init_lambda_layer(key, x, **settings):
     """``(apply, params)`` of a lambda_jax.LambdaLayer in training mode (batch statistics).
 

@@ -3,6 +3,11 @@
 Time is the median wall time of several runs after compilation; memory is XLA's compiled
 memory analysis (arguments + outputs + temporaries - aliased); FLOPs are XLA's cost
 analysis of the same compiled program.
+
+A training measurement differentiates ``vdot(out, g)`` with a fixed random cotangent g
+(``training_step`` for JAX, ``torch_training_step`` for PyTorch): the gradient of a plain
+``sum(out)`` has a constant cotangent that XLA folds into the backward pass and that
+PyTorch expands into a slower backward, so neither times a real training step.
 """
 
 from __future__ import annotations
@@ -34,13 +39,24 @@ def parse_args(
     return parser.parse_args()
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {
         "platform": jax.default_backend(),
         "devices": [d.device_kind for d in jax.local_devices()][:1],
         "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "jax": jax.__version__,
     }
 
@@ -55,6 +71,7 @@ def compile_case(fn: Callable, *args) -> dict[str, Any]:
         "run": lambda: jax.block_until_ready(compiled(*args)),
         "memory_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                             + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
         "flops": float(cost.get("flops", 0.0)) if cost else 0.0,
     }
 
@@ -107,6 +124,55 @@ def matmul_case(size: int = 2048) -> dict[str, Any]:
     return case
 
 
+def fixed_cotangent(shape, dtype=jnp.float32, seed: int = 7) -> jax.Array:
+    """The cotangent of a training measurement: N(0, 1) numbers of ``shape``."""
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def training_step(apply: Callable, *args, argnums=(0, 1)) -> tuple[Callable, jax.Array]:
+    """Forward + backward of ``apply(*args)`` with a fixed random cotangent.
+
+    Returns ``(step, g)``: ``step(*args, g)`` is the gradient of ``vdot(apply(*args), g)``
+    with respect to the arguments ``argnums`` (for a layer: its parameters and its input),
+    ``g`` a ``fixed_cotangent`` of the output's shape, passed as an argument so that it is
+    data, not a constant of the compiled program.
+    """
+    out = jax.eval_shape(apply, *args)
+
+    def loss(*args_and_cotangent):
+        *inputs, cotangent = args_and_cotangent
+        return jnp.vdot(apply(*inputs).astype(jnp.float32), cotangent.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=argnums), fixed_cotangent(out.shape, out.dtype)
+
+
+def torch_training_step(torch, layer, x, seed: int = 7) -> Callable[[], None]:
+    """A no-argument PyTorch training step of ``layer`` on ``x`` (which requires grad):
+    ``(layer(x) * g).sum().backward()`` with a fixed random cotangent g, in training mode."""
+    layer.train()
+    with torch.no_grad():
+        shape = layer(x).shape
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def train():
+        layer.train()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (layer(x) * g).sum().backward()
+
+    return train
+
+
+_LOAD_AT_START = os.getloadavg()
+
+
+def load() -> dict[str, Any]:
+    """The machine's load averages (1, 5 and 15 minutes) when the script started and now:
+    timings on a shared machine are noisy when the load passes its core count."""
+    return {"load_average_1_5_15_min_at_start": list(_LOAD_AT_START),
+            "load_average_1_5_15_min_at_end": list(os.getloadavg())}
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """Prints ``rows`` as a Markdown table with the given columns."""
     def cell(value):
@@ -123,7 +189,7 @@ def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:
-        json.dump({"machine": machine(), **payload}, f, indent=1)
+        json.dump({"machine": {**machine(), **load()}, **payload}, f, indent=1)
     return path
 
 

@@ -61,8 +61,8 @@ def main():
         for size in sizes:
             x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
             apply, params = make(jax.random.key(1), x)
-            step = baselines.training_step(apply)
-            memory = jax.jit(step).lower(params, x).compile().memory_analysis()
+            step, g = common.training_step(apply, params, x)
+            memory = jax.jit(step).lower(params, x, g).compile().memory_analysis()
             needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                       + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
             row = {"layer": name, "size": size, "pixels": size * size,
@@ -72,7 +72,7 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
                 break
-            result = common.measure(step, params, x, runs=runs)
+            result = common.measure(step, params, x, g, runs=runs)
             row.update(status="ok", train_ms=1e3 * result["seconds"],
                        gflop=result["flops"] / 1e9,
                        achieved_gflops=result["flops_per_second"] / 1e9)

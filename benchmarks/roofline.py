@@ -5,7 +5,8 @@ The roofline time of a case is the FLOPs of the paper's formulation (XLA's cost 
 matmul measured in the same run. A formulation with fewer FLOPs keeps the reference's
 roofline. The second table compares formulations of the local position term alone,
 ``Σ_k q λp`` with ``λp`` from the lambda convolution; the third times the layer's local
-implementations as the scope r grows (where ``implementation="auto"`` switches).
+implementations as the scope r and the intra-depth u grow. Training steps differentiate
+``vdot(out, g)`` with a fixed random cotangent g (``common.training_step``).
 
     PYTHONPATH=$PWD python benchmarks/roofline.py [--smoke] [--out DIR]
 """
@@ -38,8 +39,9 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
             jax.random.key(1), channels, channels, dim_k, heads, (size, size),
             receptive_field=r if local else None)
         ref_apply = lambda p, x, pos=pos: baselines.reference_lambda(p, x, heads, pos)  # noqa: E731
-        reference_flops = common.flops_of(baselines.training_step(ref_apply), ref_params, x)
-        implementations = ["shift", "banded", "conv"] if local else ["auto"]
+        ref_step, g = common.training_step(ref_apply, ref_params, x)
+        reference_flops = common.flops_of(ref_step, ref_params, x, g)
+        implementations = ["tiled", "shift", "banded", "conv"] if local else ["auto"]
         variants = {("lambda_jax " + impl if local else "lambda_jax"): impl
                     for impl in implementations}
         variants["paper formulation (jnp)"] = None
@@ -52,8 +54,8 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
                                 receptive_field=r or 1, implementation=impl)
                 apply, params = baselines.init_lambda_layer(jax.random.key(1), x, **settings)
             compiled[label, "forward"] = common.compile_case(apply, params, x)
-            compiled[label, "train"] = common.compile_case(
-                baselines.training_step(apply), params, x)
+            step, g = common.training_step(apply, params, x)
+            compiled[label, "train"] = common.compile_case(step, params, x, g)
         runners = {key: case["run"] for key, case in compiled.items()}
         runners["matmul"] = matmul["run"]
         seconds = common.time_interleaved(runners, runs)
@@ -78,23 +80,22 @@ def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
 
 def scope_sweep_rows(batch, size, channels, dim_k, heads, scopes, runs, shift_max=289):
     """Layer forward and forward+backward per local implementation as the scope r and the
-    intra-depth u grow (``scopes``: ``(r, u)`` pairs): where ``implementation="auto"``
-    switches from "shift" to "banded". "shift" runs while ``r * r * u <= shift_max`` (its
-    compile time grows with the terms it unrolls)."""
+    intra-depth u grow (``scopes``: ``(r, u)`` pairs). "shift" runs while
+    ``r * r * u <= shift_max`` (its compile time grows with the terms it unrolls)."""
     rows = []
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     for r, u in scopes:
-        implementations = ["banded", "conv"]
+        implementations = ["tiled", "banded", "conv"]
         if r * r * u <= shift_max:
-            implementations.insert(0, "shift")
+            implementations.insert(1, "shift")
         compiled = {}
         for impl in implementations:
             apply, params = baselines.init_lambda_layer(
                 jax.random.key(1), x, dim_out=channels, dim_k=dim_k, heads=heads, dim_u=u,
                 position="local", receptive_field=r, implementation=impl)
             compiled[impl, "forward"] = common.compile_case(apply, params, x)
-            compiled[impl, "train"] = common.compile_case(baselines.training_step(apply),
-                                                          params, x)
+            step, g = common.training_step(apply, params, x)
+            compiled[impl, "train"] = common.compile_case(step, params, x, g)
         seconds = common.time_interleaved(
             {key: case["run"] for key, case in compiled.items()}, runs)
         for impl in implementations:
@@ -125,17 +126,18 @@ def position_term_rows(batch, size, dim_k, heads, depth_v, receptive_fields, run
     formulations = [
         ("lambda convolution, then q·λp (paper)", convolution),
         ("a = q·E, shifted value slices, XLA's gradient", shift_autodiff),
-        ("a = q·E, shifted value slices, hand-written gradient (default)",
-         position.local_position_output),
+        ("a = q·E, shifted value slices, hand-written gradient (shift)",
+         position.shifted_position_output),
+        ("banded products per row tile, fused with q, recomputed (tiled, default)",
+         position.tiled_position_output),
     ]
     for r in receptive_fields:
         kernel = jax.random.normal(keys[2], (r, r, dim_k, 1))
         compiled = {}
         for label, f in formulations:
-            loss = lambda q, v, e, f=f: jnp.sum(f(q, v, e))  # noqa: E731
             compiled[label, "forward"] = common.compile_case(f, queries, values, kernel)
-            compiled[label, "train"] = common.compile_case(
-                jax.grad(loss, argnums=(0, 1, 2)), queries, values, kernel)
+            step, g = common.training_step(f, queries, values, kernel, argnums=(0, 1, 2))
+            compiled[label, "train"] = common.compile_case(step, queries, values, kernel, g)
         seconds = common.time_interleaved(
             {key: case["run"] for key, case in compiled.items()}, runs)
         for label, _ in formulations:
@@ -152,7 +154,8 @@ def position_term_rows(batch, size, dim_k, heads, depth_v, receptive_fields, run
 
 
 def main():
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__.splitlines()[0], lambda parser: parser.add_argument(
+        "--no-scope-sweep", action="store_true", help="leave out the third table"))
     if args.smoke:
         batch, size, channels, runs = 2, 8, 16, 1
         cases = [("global", "global", None), ("local r=3", "local", 3), ("content only", "none", None)]
@@ -170,7 +173,8 @@ def main():
     layers = layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul)
     terms = position_term_rows(batch, size, dim_k, heads, channels // heads, receptive_fields,
                                runs)
-    scopes = scope_sweep_rows(batch, size, channels, dim_k, heads, sweep, runs)
+    scopes = [] if args.no_scope_sweep else scope_sweep_rows(batch, size, channels, dim_k,
+                                                             heads, sweep, runs)
     common.print_table(layers, ["case", "implementation", "forward_ms", "train_ms",
                                 "train_gflop", "achieved_gflops", "reference_gflop",
                                 "matmul_gflops", "roofline_ms", "train_over_roofline", "train_memory_mb"])

@@ -3,7 +3,8 @@
 lambda_jax.LambdaLayer versus ``timm.layers.lambda_layer.LambdaLayer`` and
 ``lambda_networks.LambdaLayer`` at equal shapes and settings (u = 1, no bias, batch norm on
 queries and values): forward alone (inference: running statistics, no gradient) and
-forward + backward (training: batch statistics, gradients of the parameters and the input).
+forward + backward (training: batch statistics, gradients of the parameters and the input
+of ``vdot(out, g)`` with a fixed random cotangent g; ``(y * g).sum().backward()`` in PyTorch).
 PyTorch gets as many threads as the machine has cores, as XLA uses.
 
     pip install -e ".[bench]"
@@ -48,13 +49,7 @@ def torch_runners(torch, layer, x):
         with torch.no_grad():
             layer(x)
 
-    def train():
-        layer.train()
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).sum().backward()
-
-    return forward, train
+    return forward, common.torch_training_step(torch, layer, x)
 
 
 def jax_runners(x, settings):
@@ -62,13 +57,14 @@ def jax_runners(x, settings):
     layer = LambdaLayer(**settings)
     variables = layer.init(jax.random.key(0), x)
 
-    def loss(params, x):
+    def apply(params, x):
         out, _ = layer.apply({**variables, "params": params}, x, train=True,
                              mutable=["batch_stats"])
-        return jnp.sum(out)
+        return out
 
     forward = common.compile_case(lambda v, x: layer.apply(v, x), variables, x)
-    train = common.compile_case(jax.grad(loss, argnums=(0, 1)), variables["params"], x)
+    step, g = common.training_step(apply, variables["params"], x)
+    train = common.compile_case(step, variables["params"], x, g)
     return forward["run"], train["run"]
 
 

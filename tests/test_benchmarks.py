@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_smoke(script, out_dir):
+def _run_smoke(script, out_dir, name=None, plot=True):
     env = dict(os.environ, PYTHONPATH=ROOT)
     # The scripts measure one device, as users run them.
     env.pop("XLA_FLAGS", None)
@@ -20,10 +20,11 @@ def _run_smoke(script, out_dir):
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    name = script.removesuffix(".py")
+    name = name or script.removesuffix(".py")
     with open(out_dir / f"{name}.json") as f:
         payload = json.load(f)
-    assert (out_dir / f"{name}.png").stat().st_size > 0
+    if plot:
+        assert (out_dir / f"{name}.png").stat().st_size > 0
     assert payload["machine"]["platform"] == "cpu"
     return payload, result.stdout
 
@@ -32,13 +33,14 @@ def _run_smoke(script, out_dir):
 def test_roofline_smoke(tmp_path):
     payload, stdout = _run_smoke("roofline.py", tmp_path)
     cases = {(row["case"], row["implementation"]) for row in payload["layers"]}
+    assert ("local r=3", "lambda_jax tiled") in cases
     assert ("local r=3", "lambda_jax shift") in cases
     assert ("local r=3", "paper formulation (jnp)") in cases
     for row in payload["layers"]:
         assert row["train_ms"] > 0 and row["reference_gflop"] > 0 and row["matmul_gflops"] > 0
-    assert len(payload["position_term"]) == 3
+    assert len(payload["position_term"]) == 4
     sweep = {(row["r"], row["implementation"]) for row in payload["scope_sweep"]}
-    assert sweep == {(r, impl) for r in (3, 5) for impl in ("shift", "banded", "conv")}
+    assert sweep == {(r, impl) for r in (3, 5) for impl in ("tiled", "shift", "banded", "conv")}
     assert "| case | implementation |" in stdout
 
 
@@ -92,4 +94,47 @@ def test_models_smoke(tmp_path):
     assert baseline["train_vs_baseline"] == 1.0 and baseline["train_memory_vs_baseline"] == 1.0
     assert rows[1]["train_vs_baseline"] == pytest.approx(
         rows[1]["train_ex_s"] / baseline["train_ex_s"])
+    assert "| model | size |" in stdout
+
+
+def _check_formulation_rows(rows, shapes):
+    assert {row["layer"] for row in rows} == shapes
+    for layer in shapes:
+        by_implementation = {row["implementation"]: row for row in rows if row["layer"] == layer}
+        assert set(by_implementation) == {"tiled", "banded", "shift", "conv"}
+        assert [name for name, row in by_implementation.items() if row["default"]] == ["tiled"]
+        conv = by_implementation["conv"]
+        assert conv["train_vs_conv"] == 1.0 and conv["memory_vs_conv"] == 1.0
+        for row in by_implementation.values():
+            assert row["train_ms"] > 0 and row["forward_ms"] > 0 and row["train_temp_mb"] > 0
+            assert row["memory_vs_conv"] == pytest.approx(
+                row["train_temp_mb"] / conv["train_temp_mb"])
+        default = by_implementation["tiled"]
+        assert default["time_bound"] == 1.0
+        assert default["within_bounds"] == (default["memory_vs_conv"] <= 1.25
+                                             and default["train_vs_conv"] <= 1.0)
+
+
+@pytest.mark.slow
+def test_local_formulations_smoke(tmp_path):
+    payload, stdout = _run_smoke("local_formulations.py", tmp_path, plot=False)
+    _check_formulation_rows(payload["rows"], {"8x8x16 r=5 u=1", "6x6x16 r=3 u=2"})
+    assert payload["settings"]["memory_bound"] == 1.25
+    assert "load_average_1_5_15_min_at_start" in payload["machine"]
+    assert "| layer | implementation | default |" in stdout
+
+
+@pytest.mark.slow
+def test_accelerator_smoke(tmp_path):
+    payload, stdout = _run_smoke("accelerator.py", tmp_path, name="accelerator_cpu_smoke",
+                                 plot=False)
+    assert payload["settings"]["dtype"] == "bfloat16" and payload["settings"]["smoke"]
+    _check_formulation_rows(payload["layers"], {"8x8x16 r=5 u=1"})
+    models = payload["models"]
+    assert [row["model"] for row in models] == ["one-block convolution", "one-block lambda"]
+    assert models[0]["train_vs_baseline"] == 1.0
+    for row in models:
+        assert row["train_ex_s"] > 0 and row["train_memory_mb"] > 0
+    assert models[1]["train_vs_baseline"] == pytest.approx(
+        models[1]["train_ex_s"] / models[0]["train_ex_s"])
     assert "| model | size |" in stdout

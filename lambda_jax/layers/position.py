@@ -177,6 +177,40 @@ def _band_block(width: int, receptive_field: int) -> int:
     return min(candidates, key=cost)
 
 
+def _band_matrices(kernel: jax.Array, width: int, block: int) -> tuple[jax.Array, np.ndarray]:
+    """The kernel as banded matrices over blocks of ``block`` output columns.
+
+    Args:
+      kernel: ``[r, r, k, u]``.
+      width: the image width W.
+      block: output columns per block B (``_band_block``); ``B = W``: one block, no padding.
+
+    Returns:
+      ``bands [r, B, X, k, u]`` with ``bands[dy, x, X] = kernel[dy, X - x]`` inside the
+      kernel and 0 outside, and the input columns ``[blocks, X]`` of each block in the
+      width zero-padded by ``(r - 1) // 2`` on the left (X = W, or B + r - 1).
+    """
+    r = kernel.shape[0]
+    c = (r - 1) // 2
+    if block == width:
+        offset = np.arange(width)[None, :] - np.arange(width)[:, None] + c  # [x, X]
+        columns = np.arange(width)[None, :] + c
+    else:
+        offset = np.arange(block + 2 * c)[None, :] - np.arange(block)[:, None]  # [x, X]
+        columns = (np.arange(-(-width // block))[:, None] * block
+                   + np.arange(block + 2 * c)[None, :])
+    inside = (offset >= 0) & (offset < r)  # the offset X - x lies in the kernel
+    bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
+    return bands, columns
+
+
+def _band_windows(values: jax.Array, columns: np.ndarray, c: int, below: int = 0) -> jax.Array:
+    """The input columns of every block, with c zero rows above and ``c + below`` below:
+    ``[b, H, W, v, u]`` -> ``[b, H + 2c + below, blocks, X, v, u]``."""
+    right = columns.max() + 1 - values.shape[2] - c
+    return jnp.pad(values, ((0, 0), (c, c + below), (c, right), (0, 0), (0, 0)))[:, :, columns]
+
+
 def banded_lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array:
     """The lambda convolution of an image as matrix products with banded kernel matrices.
 
@@ -199,26 +233,92 @@ def banded_lambda_convolution(values: jax.Array, kernel: jax.Array) -> jax.Array
     r = kernel.shape[0]
     c = (r - 1) // 2
     chex.assert_shape(kernel, (r, r, None, depth_u))
-    block = _band_block(width, r)
-    kernel = kernel.astype(values.dtype)
-    if block == width:
-        offset = np.arange(width)[None, :] - np.arange(width)[:, None] + c  # [x, X]
-        padded = jnp.pad(values, ((0, 0), (c, c), (0, 0), (0, 0), (0, 0)))
-        windows = padded[:, :, None]  # [b, H + 2c, blocks = 1, W, v, u]
-    else:
-        blocks = -(-width // block)
-        offset = np.arange(block + 2 * c)[None, :] - np.arange(block)[:, None]  # [x, X]
-        padded = jnp.pad(values, ((0, 0), (c, c), (c, blocks * block - width + c), (0, 0),
-                                  (0, 0)))
-        columns = np.arange(blocks)[:, None] * block + np.arange(block + 2 * c)[None, :]
-        windows = padded[:, :, columns]  # [b, H + 2c, blocks, B + 2c, v, u]
-    inside = (offset >= 0) & (offset < r)  # the offset X - x lies in the kernel
-    bands = kernel[:, np.clip(offset, 0, r - 1)] * inside[None, :, :, None, None]
+    bands, columns = _band_matrices(kernel.astype(values.dtype), width, _band_block(width, r))
+    windows = _band_windows(values, columns, c)  # [b, H + 2c, blocks, X, v, u]
     rows = jnp.stack([windows[:, dy:dy + height] for dy in range(r)], axis=2)
     lambdas = jnp.einsum("bydjXvu,dxXku->byjxkv", rows, bands,
                          preferred_element_type=accumulation_dtype(values.dtype))
     lambdas = lambdas.reshape(batch, height, -1, *lambdas.shape[-2:])[:, :, :width]
     return lambdas.reshape(batch, height * width, *lambdas.shape[-2:])
+
+
+def _tile_rows(height: int, row_bytes: int, tile_bytes: int) -> int:
+    """Output rows per tile: as many as fit in ``tile_bytes`` (at least one), then evened
+    out over the tiles that takes, so the last tile pads as few rows as possible."""
+    rows = min(height, max(1, tile_bytes // row_bytes))
+    tiles = -(-height // rows)
+    return -(-height // tiles)
+
+
+def _tiled_output(queries, values, kernel, tile_bytes):
+    """``Σ_k q λp`` by banded products over tiles of output rows: ``[batch, H, W, h*v]``."""
+    batch, height, width, depth_v, depth_u = values.shape
+    heads, depth_k = queries.shape[-2:]
+    r = kernel.shape[0]
+    c = (r - 1) // 2
+    dtype = values.dtype
+    accumulate = accumulation_dtype(dtype)
+    block = _band_block(width, r)
+    bands, columns = _band_matrices(kernel.astype(dtype), width, block)
+    blocks, span = columns.shape
+    # [r, B, X, k, u] -> [(dy, X, u), (x, k)]: the contraction of one matrix product.
+    bands = jnp.transpose(bands, (0, 2, 4, 1, 3)).reshape(r * span * depth_u, block * depth_k)
+    row_bytes = batch * blocks * depth_v * r * span * depth_u * jnp.dtype(dtype).itemsize
+    rows = _tile_rows(height, row_bytes, tile_bytes)
+    tiles = -(-height // rows)
+    below = tiles * rows - height  # zero rows that even the tiles out, cut from the output
+    # [b, H + 2c + below, blocks, X, v, u] -> [b, blocks, v, H + 2c + below, X, u]: a tile's
+    # r shifted row windows then stack into [..., rows, r, X, u], the contraction contiguous.
+    windows = jnp.transpose(_band_windows(values, columns, c, below), (0, 2, 4, 1, 3, 5))
+    queries = jnp.pad(queries, ((0, 0), (0, below), (0, blocks * block - width), (0, 0),
+                                (0, 0)))
+    queries = queries.reshape(batch, tiles, rows, blocks, block, heads, depth_k)
+
+    @jax.checkpoint
+    def tile(start, tile_queries):
+        window = jax.lax.dynamic_slice_in_dim(windows, start, rows + 2 * c, axis=3)
+        stacked = jnp.stack([window[:, :, :, dy:dy + rows] for dy in range(r)], axis=4)
+        lambdas = jnp.dot(stacked.reshape(-1, bands.shape[0]), bands,
+                          preferred_element_type=accumulate)
+        lambdas = lambdas.reshape(batch, blocks, depth_v, rows, block, depth_k)
+        return jnp.einsum("btjxhk,bjvtxk->btjxhv", tile_queries, lambdas.astype(dtype),
+                          preferred_element_type=accumulate)
+
+    out = jax.lax.map(lambda args: tile(*args),
+                      (jnp.arange(tiles) * rows, jnp.moveaxis(queries, 1, 0)))
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, tiles * rows, blocks * block, heads * depth_v)
+    return out[:, :height, :width]
+
+
+def tiled_position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array,
+                          tile_bytes: int = 2**21) -> jax.Array:
+    """The queries applied to an image's position lambdas, ``Σ_k q λp``, tile by tile.
+
+    The position lambdas of a tile of output rows are one matrix product of the value rows
+    it sees with banded kernel matrices (as :func:`banded_lambda_convolution`), contracted
+    with the tile's queries at once; the tiles run one after another and each is recomputed
+    in the backward pass, so neither the band rows nor the ``[batch, n, k, v]`` position
+    lambdas of the whole image are ever held: memory is one tile's band rows
+    (``tile_bytes``, or one output row's where a row needs more) on top of the inputs and the
+    output.
+
+    Args:
+      queries: ``[batch, height, width, h, k]``.
+      values: ``[batch, height, width, v, u]``.
+      kernel: ``[r, r, k, u]`` (r odd).
+      tile_bytes: the most memory one tile's band rows may take (2 MiB: larger tiles were
+        no faster on CPU at the Table 3 layers and take more memory).
+
+    Returns:
+      ``[batch, height, width, h*v]`` (head-major) in ``accumulation_dtype(values.dtype)``,
+      equal to ``einsum("bnhk,bnkv->bnhv", queries, lambda_convolution(values, kernel))``.
+    """
+    batch, height, width, depth_v, depth_u = values.shape
+    chex.assert_shape(queries, (batch, height, width, None, kernel.shape[-2]))
+    chex.assert_shape(kernel, (kernel.shape[0], kernel.shape[0], None, depth_u))
+    out = _tiled_output(queries, values, kernel, tile_bytes)
+    chex.assert_shape(out, (batch, height, width, queries.shape[-2] * depth_v))
+    return out
 
 
 def _offsets(receptive_field: int, spatial: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
@@ -387,29 +487,76 @@ def shifted_position_output(queries: jax.Array, values: jax.Array, kernel: jax.A
 # position lambdas [batch, n, k, v]; those in OUTPUT_IMPLEMENTATIONS go straight to the
 # output [batch, *spatial, h*v]. All give equal values and gradients.
 LAMBDA_IMPLEMENTATIONS = ("conv", "banded")
-OUTPUT_IMPLEMENTATIONS = ("shift",)
+OUTPUT_IMPLEMENTATIONS = ("shift", "tiled")
 IMPLEMENTATIONS = ("auto",) + LAMBDA_IMPLEMENTATIONS + OUTPUT_IMPLEMENTATIONS
-# "auto" uses "shift" up to this many kernel offsets times u (13x13 in 2-D with u = 1, 5x5
-# with u = 4), above it "banded" for images and "conv" otherwise: measured on CPU by
-# benchmarks/roofline.py (scope sweep). The shifted sums unroll one term per offset, u and
-# head, so compile time grows with them too.
+# Formulations written for images [batch, height, width, ...] only.
+IMAGE_IMPLEMENTATIONS = ("banded", "tiled")
+# On CPU, sequences and volumes use "shift" up to this many kernel offsets times u, "conv"
+# above it: the shifted sums unroll one term per offset, u and head, so their compile time
+# grows with them.
 SHIFT_MAX_OFFSETS = 169
 
 
+def _check_images(implementation: str, spatial: Sequence[int]) -> None:
+    if implementation in IMAGE_IMPLEMENTATIONS and len(spatial) != 2:
+        raise ValueError(
+            f"implementation={implementation!r} needs images [batch, height, width, "
+            f"channels]; got {len(spatial)} spatial axes {tuple(spatial)}. Use 'auto', "
+            "'shift' or 'conv'."
+        )
+
+
 def resolve_local_implementation(
-    implementation: str, spatial: Sequence[int], receptive_field: int, dim_u: int
+    implementation: str,
+    spatial: Sequence[int],
+    receptive_field: int,
+    dim_u: int,
+    backend: str | None = None,
 ) -> str:
     """The formulation that computes a local layer: ``implementation`` with ``"auto"``
-    resolved for inputs of spatial size ``spatial`` (1 to 3 axes) and an r^s x u kernel."""
+    resolved for inputs of spatial size ``spatial`` (1 to 3 axes) and an r^s x u kernel.
+
+    ``"auto"`` depends on the backend the computation is compiled for:
+
+    * images, every backend: ``"tiled"``. Its compiled training memory (XLA's memory
+      analysis of a layer's gradient step) is 0.5-0.8x ``"conv"``'s at every lambda shape of
+      the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4; asserted by
+      tests/test_memory.py), where ``"banded"`` takes 1.6-4.8x and ``"shift"`` up to 12x.
+      On CPU it is also the fastest formulation at those shapes but the 7x7 ones, where
+      ``"banded"`` and ``"shift"`` are faster at 1.3-2.4x the memory (benchmarks/README.md,
+      ``benchmarks/local_formulations.py``). On GPU and TPU no measurement exists yet;
+      ``"tiled"`` is chosen there because all of its work is dense matrix products (which
+      run on the tensor cores and the MXU) and it needs the least memory. ``"shift"`` is
+      elementwise work on the vector units, ``"conv"`` a convolution with u input channels
+      that the convolution units run at a small fraction of their rate.
+    * sequences and volumes, CPU: ``"shift"`` while ``r ** rank * u <= SHIFT_MAX_OFFSETS``,
+      else ``"conv"``.
+    * sequences and volumes, GPU and TPU: ``"conv"``, the formulation on the matrix units.
+
+    Args:
+      implementation: one of ``IMPLEMENTATIONS``.
+      spatial: ``(S_1, ..., S_s)``.
+      receptive_field: the scope r.
+      dim_u: the intra-depth u.
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (any other name counts as an accelerator);
+        ``None``: ``jax.default_backend()`` at trace time.
+
+    Returns:
+      A name in ``LAMBDA_IMPLEMENTATIONS`` or ``OUTPUT_IMPLEMENTATIONS``.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
         )
+    _check_images(implementation, spatial)
     if implementation != "auto":
         return implementation
-    if receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_OFFSETS:
+    if len(spatial) == 2:
+        return "tiled"
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu" and receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_OFFSETS:
         return "shift"
-    return "banded" if len(spatial) == 2 else "conv"
+    return "conv"
 
 
 def local_position_lambdas(
@@ -428,6 +575,7 @@ def local_position_lambdas(
     if implementation == "conv":
         return lambda_convolution(values, kernel)
     if implementation == "banded":
+        _check_images(implementation, values.shape[1:-2])
         return banded_lambda_convolution(values, kernel)
     raise ValueError(
         f"implementation must be one of {LAMBDA_IMPLEMENTATIONS} to build position lambdas, "
@@ -445,13 +593,16 @@ def local_position_output(
       queries: ``[batch, *spatial, h, k]``.
       values: ``[batch, *spatial, v, u]``.
       kernel: ``[r, ..., r, k, u]``.
-      implementation: ``"shift"``.
+      implementation: ``"shift"`` or ``"tiled"`` (images only).
 
     Returns:
       ``[batch, *spatial, h*v]`` (head-major) in ``accumulation_dtype(values.dtype)``.
     """
     if implementation == "shift":
         return shifted_position_output(queries, values, kernel)
+    if implementation == "tiled":
+        _check_images(implementation, values.shape[1:-2])
+        return tiled_position_output(queries, values, kernel)
     raise ValueError(
         f"implementation must be one of {OUTPUT_IMPLEMENTATIONS} for the output term, "
         f"got {implementation!r}."
