@@ -244,12 +244,12 @@ class LambdaSettings:
         """Raises ValueError if the input ``[batch, *S, channels]`` or the context
         ``[batch, *S_context, channels_context]`` cannot go through this layer."""
         check_input_shape("LambdaLayer", x)
-        if (self.implementation == "banded" and self.position == "local"
-                and len(x.shape) != 4):
+        if (self.implementation in position_lib.IMAGE_IMPLEMENTATIONS
+                and self.position == "local" and len(x.shape) != 4):
             raise ValueError(
-                "LambdaLayer.implementation='banded' needs images [batch, height, width, "
-                f"channels]; got an input of shape {tuple(x.shape)}. Use 'auto', 'shift' or "
-                "'conv'."
+                f"LambdaLayer.implementation={self.implementation!r} needs images [batch, "
+                f"height, width, channels]; got an input of shape {tuple(x.shape)}. Use "
+                "'auto', 'shift' or 'conv'."
             )
         if context is None:
             return

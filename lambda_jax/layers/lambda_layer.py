@@ -82,13 +82,15 @@ class LambdaLayer(nn.Module):
       dim_u: intra-depth u.
       position: ``"global"``, ``"local"`` or ``"none"`` (content lambda only).
       receptive_field: scope r of the lambda convolution (odd, ``position="local"``).
-      implementation: how ``position="local"`` is computed, all with the same values and
-        gradients: ``"shift"`` contracts the queries with the kernel first and sums shifted
-        value slices, with a hand-written gradient (fewest FLOPs, fastest for small
-        scopes); ``"banded"`` (images only) computes the lambda convolution as one matrix
-        product with banded kernel matrices (fastest for large scopes); ``"conv"`` is the
-        paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (the
-        reference); ``"auto"`` picks by size (``position.resolve_local_implementation``).
+      implementation: how ``position="local"`` is computed, one of
+        ``position.IMPLEMENTATIONS``, all with the same values and gradients: ``"conv"`` is
+        the paper's lambda convolution, one ``jax.lax.conv_general_dilated`` call (the
+        reference); ``"shift"`` contracts the queries with the kernel first and sums shifted
+        value slices (fewest FLOPs); ``"banded"`` (images) computes the lambda convolution
+        as one matrix product with banded kernel matrices; ``"tiled"`` (images) does that
+        per tile of output rows, applied to the queries at once and recomputed in the
+        backward pass, so the position lambdas are never held; ``"auto"`` picks by
+        backend and size (see ``position.resolve_local_implementation``).
       use_batchnorm: batch-normalise the queries and values.
       position_bias: learned bias ``[k]`` on the position lambdas (PyTorch ports; not in the
         paper).
