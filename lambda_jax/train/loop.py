@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import threading
-import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from lambda_jax.train import config_check
 from lambda_jax.train import metrics as metrics_lib
@@ -227,7 +226,7 @@ def train_and_evaluate(
         "num_train_steps": num_train_steps,
     }
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        epath.Path(workdir) / "checkpoints",
         keep=config.keep_checkpoints,
         async_saves=config.async_checkpoints,
     )
@@ -249,9 +248,7 @@ def train_and_evaluate(
                 for k in ("params", "batch_stats", "ema_params", "ema_batch_stats")})
             host_state = host_state.replace(**weights)
             logging.info("Starting from the weights in %s.", config.init_from)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    metrics_lib.write_json(workdir, "config.json", config.to_json_best_effort(indent=2))
     start_step = int(host_state.step)
     # Checkpoints take the prefetcher's position: that of the batches handed out.
     train_iter = DevicePrefetcher(train_iter, parallel.shard_batch)
@@ -275,8 +272,7 @@ def train_and_evaluate(
     preempted = False
     pending: list[dict[str, jax.Array]] = []  # on the devices, not yet checked
     fetched: list[dict[str, np.ndarray]] = []  # checked, not yet logged
-    interval_start = time.perf_counter()
-    interval_step = start_step
+    throughput = metrics_lib.Throughput(start_step)
     logging.info("Training %s on %s: steps %d..%d of %d per epoch, %d devices (%s).",
                  config.model, config.dataset, start_step, num_train_steps, steps_per_epoch,
                  parallel.num_devices, parallel.mode)
@@ -298,28 +294,28 @@ def train_and_evaluate(
                     fetched.extend(host_metrics)
                     pending = []
                 if log_due:
-                    elapsed = time.perf_counter() - interval_start
                     last = {
                         "train_loss": float(np.mean([m["loss"] for m in fetched])),
                         "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
                         "learning_rate": float(fetched[-1]["learning_rate"]),
                         "examples_per_second":
-                            (step - interval_step) * config.batch_size / max(elapsed, 1e-9),
+                            throughput.examples_per_second(step, config.batch_size),
                     }
                     writer.write(step, last)
                     metrics_lib.log_progress(step, num_train_steps, last)
                     fetched = []
-                    interval_start, interval_step = time.perf_counter(), step
                 # An evaluation due with a checkpoint runs first, so its metrics are saved
                 # with it and the best checkpoint is known after a resume.
                 evaluated = step % eval_every == 0 or done
                 if evaluated:
-                    eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
+                    with throughput.paused():
+                        eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
                     writer.write(step, eval_metrics)
                     metrics_lib.log_progress(step, num_train_steps, eval_metrics)
                 if save_due:
-                    checkpointer.save(step, parallel.to_host(state), train_iter, run,
-                                      metrics=eval_metrics if evaluated else None)
+                    with throughput.paused():
+                        checkpointer.save(step, parallel.to_host(state), train_iter, run,
+                                          metrics=eval_metrics if evaluated else None)
                 if preempted:
                     logging.warning("Stopped at step %d with a checkpoint in %s; rerun the same "
                                     "command to resume.", step, checkpointer.step_path(step))
