@@ -149,6 +149,16 @@ def _resume_check(run: dict[str, Any], allow_config_changes: bool, checkpointer:
     return check
 
 
+def _log_topology_change(saved: dict[str, Any], run: dict[str, Any], batch_size: int) -> None:
+    """Logs a resume on another number of processes or devices (an elastic resume)."""
+    before = (saved.get("num_processes"), saved.get("num_devices"))
+    after = (run["num_processes"], run["num_devices"])
+    if before != after:
+        logging.warning("Elastic resume: saved by %s processes on %s devices, continuing on %d "
+                        "processes on %d devices with the same global batch of %d (%d examples "
+                        "per device).", *before, *after, batch_size, batch_size // after[1])
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -159,21 +169,26 @@ def train_and_evaluate(
     """Trains ``config.model`` on ``config.dataset``, evaluating, logging and checkpointing.
 
     Resumes from the newest intact checkpoint in ``<workdir>/checkpoints``; damaged ones are
-    moved to ``<workdir>/checkpoints_damaged/``. Without a checkpoint, starts from
+    moved to ``<workdir>/checkpoints_damaged/``. A checkpoint may come from another number of
+    processes and devices: the global batch stays ``config.batch_size`` and the data continues
+    at the same global example index. Without a checkpoint, starts from
     ``config.init_from``'s weights if set. Stops early with a checkpoint on SIGTERM or Ctrl-C.
     Writes TensorBoard events and ``config.json`` to ``workdir`` and, when training completes,
     ``<workdir>/final_metrics.json``.
 
     Args:
       config: a config from ``configs/`` (see ``configs/default.py`` for every field).
-      workdir: directory for checkpoints, event files and final metrics.
+      workdir: directory for checkpoints, event files and final metrics; local or a URL such
+        as ``gs://bucket/run`` (every file goes through ``etils.epath``, arrays through
+        Orbax and tensorstore).
       devices: devices to train on (default: all; a subset only on a single host).
       allow_config_changes: resume although fields outside
         :data:`config_check.MAY_CHANGE_ON_RESUME` differ from the checkpoint's; the changes
         and the learning rate before and after are logged.
 
     Returns:
-      The last metrics, with ``step`` and ``preempted``.
+      The last metrics, with ``step`` and ``preempted``. ``examples_per_second`` counts
+      training steps only, not the evaluations and checkpoint saves in between.
 
     Raises:
       ConfigChangeError: the newest intact checkpoint was saved with another run-defining
@@ -224,6 +239,9 @@ def train_and_evaluate(
         "config": config_json,
         "steps_per_epoch": steps_per_epoch,
         "num_train_steps": num_train_steps,
+        # How it ran: may change on resume (logged when it does).
+        "num_processes": jax.process_count(),
+        "num_devices": parallel.num_devices,
     }
     checkpointer = Checkpointer(
         epath.Path(workdir) / "checkpoints",
@@ -234,12 +252,14 @@ def train_and_evaluate(
         train_iter = iter(train_loader)
         latest, host_state = checkpointer.restore_latest_intact(
             host_state, train_iter,
-            check_run=_resume_check(run, allow_config_changes, checkpointer, workdir))
+            check_run=_resume_check(run, allow_config_changes, checkpointer, workdir),
+            global_batch_size=config.batch_size)
     except BaseException:
         checkpointer.close()
         raise
     if latest is not None:
         logging.info("Resumed from %s (step %d).", checkpointer.step_path(latest), latest)
+        _log_topology_change(checkpointer.read_run(latest), run, config.batch_size)
     else:
         train_iter = iter(train_loader)  # a damaged checkpoint may have moved it
         if config.init_from:
