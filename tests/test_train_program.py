@@ -20,6 +20,7 @@ from lambda_jax.train import (
     CheckpointError,
     Checkpointer,
     ConfigChangeError,
+    NonFiniteError,
     train_and_evaluate,
 )
 
@@ -266,3 +267,24 @@ def test_default_config_reaches_the_documented_accuracy(tmp_path):
     assert final["step"] == 176
     assert final["eval_top1"] >= 0.90
     assert "eval_top1" in run.stderr  # the console progress line
+
+
+def test_a_nan_gradient_norm_stops_the_run_before_it_is_saved(tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient norm from step 2 on: the run stops naming step 2
+    and the newest checkpoint is step 1's."""
+    from lambda_jax.train import loop
+    from lambda_jax.train.steps import train_step
+
+    def nan_from_step_2(state, batch, rng, **kwargs):
+        new_state, step_metrics = train_step(state, batch, rng, **kwargs)
+        nan = jax.numpy.where(state.step >= 1, jax.numpy.nan, step_metrics["grad_norm"])
+        return new_state, {**step_metrics, "grad_norm": nan}
+
+    monkeypatch.setattr(loop, "train_step", nan_from_step_2)
+    config = default.get_config()
+    config.update(dict(image_size=8, batch_size=8, eval_batch_size=8, num_train_steps=4,
+                       log_every_steps=1, checkpoint_every_steps=1, eval_every_steps=4))
+    with tfds.testing.mock_data(num_examples=16):
+        with pytest.raises(NonFiniteError, match="The training grad_norm is nan at step 2"):
+            train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert _kept_steps(str(tmp_path)) == [1]
