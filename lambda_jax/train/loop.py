@@ -151,7 +151,9 @@ def _resume_check(run: dict[str, Any], allow_config_changes: bool, checkpointer:
 
 def _log_topology_change(saved: dict[str, Any], run: dict[str, Any], batch_size: int) -> None:
     """Logs a resume on another number of processes or devices (an elastic resume)."""
-    before = (saved.get("num_processes"), saved.get("num_devices"))
+    if "num_devices" not in saved:  # saved before topologies were recorded
+        return
+    before = (saved["num_processes"], saved["num_devices"])
     after = (run["num_processes"], run["num_devices"])
     if before != after:
         logging.warning("Elastic resume: saved by %s processes on %s devices, continuing on %d "
