@@ -229,7 +229,8 @@ class Checkpointer:
             checksums = {"state": state_checksums(state)}
         except NonFiniteError as error:
             raise NonFiniteError(f"Not saving step {step}: {error}.") from None
-        data = np.array([int(_data_checksum(_iterator_state_text(data_iterator)), 16)], np.int64)
+        # uint32: without jax_enable_x64, int64 would be gathered as int32 and wrap.
+        data = np.array([int(_data_checksum(_iterator_state_text(data_iterator)), 16)], np.uint32)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
