@@ -245,3 +245,11 @@ def test_uint8_batches_normalised_in_the_steps_match_host_normalised_batches():
     np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(sums["loss"], expected_sums["loss"], rtol=1e-5)
     assert sums["top1"] == expected_sums["top1"] and sums["count"] == BATCH
+
+
+def test_grad_norm_is_the_norm_of_the_device_mean_gradient(pmap_8_devices, pmap_1_device):
+    """The same mean gradient on 1 and 8 devices: the same norm (a per-device norm would
+    differ)."""
+    norm_8, norm_1 = pmap_8_devices[1]["grad_norm"], pmap_1_device[1]["grad_norm"]
+    assert norm_1 > 0
+    np.testing.assert_allclose(norm_8, norm_1, rtol=1e-4)

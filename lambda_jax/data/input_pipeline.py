@@ -27,6 +27,12 @@ TensorFlow is needed to train. TFDS's image decoding is skipped: the JPEGs are d
 in the transforms, together with the crop (`preprocessing.crop_and_resize`). Batches
 hold uint8 images; the jitted steps normalise them on the devices with
 `DatasetInfo.mean` and `DatasetInfo.std`.
+
+Training reads one shuffled order of the whole split, the same for any number of hosts:
+host `i` of `n` takes its positions `i, i + n, i + 2n, ...`, and each example's augmentation
+is seeded by its position. So the examples of a global step do not depend on the host count,
+and a run resumed on another number of hosts continues at the same global example
+(`lambda_jax.train.data_position`).
 """
 
 import dataclasses
@@ -348,8 +354,8 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
 
     Returns:
       (train_loader, eval_fn, info).
-      train_loader: a checkpointable `grain.DataLoader` over this host's shard of the
-        training split, shuffled with `seed`, repeating forever. Its batches are
+      train_loader: a checkpointable `grain.DataLoader` over this host's positions of the
+        training split's order shuffled with `seed` (every shard count-th), repeating forever. Its batches are
         {'image': uint8 [host_batch, image_size, image_size, channels],
          'label': int32 [host_batch]}, host_batch = batch_size // shard count.
       eval_fn: an `EvalBatches`; eval_fn() -> an iterator over this host's shard of the
@@ -380,7 +386,8 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
 
     train_loader = grain.DataLoader(
         data_source=train_source,
-        sampler=grain.IndexSampler(len(train_source), shard_options=shard_options,
+        # Unsharded: the loader's shard_options pick this host's positions of the one order.
+        sampler=grain.IndexSampler(len(train_source), shard_options=grain.NoSharding(),
                                    shuffle=True, num_epochs=None, seed=int(seed)),
         operations=[TrainPreprocess(**steps),
                     grain.Batch(config.batch_size // process_count, drop_remainder=True)],

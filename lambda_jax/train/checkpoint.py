@@ -8,6 +8,9 @@ to a temporary directory and renames it when complete, so a step is never presen
 checksums, and a save cut short by a crash leaves the previous checkpoints intact; leftovers
 are removed when the manager opens.
 
+A checkpoint saved by another number of processes or data workers resumes at the same
+global example index (:mod:`lambda_jax.train.data_position`), from every host's file.
+
 A checkpoint that fails verification, or cannot be read, is *damaged*: it is moved, never
 deleted, to ``<workdir>/checkpoints_damaged/<step>`` and the run resumes from the newest
 intact one. A directory in ``checkpoints/`` named like a step but holding no checkpoint is
@@ -27,6 +30,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
+
+from lambda_jax.train import data_position
 
 ITEMS = ("state", "data", "run", "checksums")
 DAMAGED_DIR = "checkpoints_damaged"
@@ -102,6 +107,11 @@ def _data_checksum(text: str) -> str:
 def _iterator_state_text(data_iterator: Iterator) -> str:
     state = data_iterator.get_state()
     return state.decode() if isinstance(state, bytes) else json.dumps(state)
+
+
+def _set_iterator_state(data_iterator: Iterator, state: dict[str, Any]) -> None:
+    as_bytes = isinstance(data_iterator.get_state(), bytes)
+    data_iterator.set_state(json.dumps(state).encode() if as_bytes else state)
 
 
 def _data_file() -> str:
@@ -219,7 +229,8 @@ class Checkpointer:
             checksums = {"state": state_checksums(state)}
         except NonFiniteError as error:
             raise NonFiniteError(f"Not saving step {step}: {error}.") from None
-        data = np.array([int(_data_checksum(_iterator_state_text(data_iterator)), 16)], np.int64)
+        # uint32: without jax_enable_x64, int64 would be gathered as int32 and wrap.
+        data = np.array([int(_data_checksum(_iterator_state_text(data_iterator)), 16)], np.uint32)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -270,9 +281,14 @@ class Checkpointer:
                 f"the checksums of {len(names)} arrays do not match ({', '.join(names[:3])}"
                 f"{', ...' if len(names) > 3 else ''}).")
 
-    def restore(self, step: int, state_template: Any, data_iterator: Iterator) -> Any:
+    def restore(self, step: int, state_template: Any, data_iterator: Iterator,
+                global_batch_size: Optional[int] = None) -> Any:
         """Restores the state at ``step`` into ``state_template``'s structure, verifies it
         against the saved checksums and moves ``data_iterator`` to the saved position.
+
+        A checkpoint saved by another number of processes (or data workers) resumes at the
+        same global example index (see :mod:`lambda_jax.train.data_position`); that needs
+        ``global_batch_size``, the examples per step over all processes.
 
         Raises:
           DamagedCheckpointError: naming the step and path, if a file fails its checksum or
@@ -291,34 +307,67 @@ class Checkpointer:
                             for k in differ[:5])
                 + ". Resume with the config it was saved with, or start a new --workdir with "
                 "--config.init_from to take its weights.")
-        data_file = self.directory / str(step) / "data" / _data_file()
-        expected = checksums["data"].get(_data_file())
-        if expected is not None:
-            try:
-                found = _data_checksum(data_file.read_text())
-            except Exception as error:
-                raise self._damaged(step, error) from error
-            if found != expected:
-                raise DamagedCheckpointError(step, self.step_path(step),
-                                             f"the checksum of {data_file} does not match.")
+        data_state = self._data_state(step, checksums["data"], data_iterator, global_batch_size)
         try:
             restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(state_template),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
-            )
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_template)))
         except Exception as error:
             raise self._damaged(step, error) from error
         self._verify_state(step, checksums["state"], restored.state)
+        _set_iterator_state(data_iterator, data_state)
         return restored.state
+
+    def _read_data_state(self, step: int, name: str, expected: Optional[str]) -> dict[str, Any]:
+        path = self.directory / str(step) / "data" / name
+        try:
+            text = path.read_text()
+            state = json.loads(text)
+        except Exception as error:
+            raise self._damaged(step, error) from error
+        if expected is not None and _data_checksum(text) != expected:
+            raise DamagedCheckpointError(step, self.step_path(step),
+                                         f"the checksum of {path} does not match.")
+        return state
+
+    def _data_state(self, step: int, expected: dict[str, str], data_iterator: Iterator,
+                    global_batch_size: Optional[int]) -> dict[str, Any]:
+        """This process's iterator state at ``step``, verified; converted through the global
+        example index when the checkpoint was saved by another process or worker count."""
+        names = sorted((p.name for p in (self.directory / str(step) / "data").glob(
+            "process_*-of-*.json")), key=lambda n: int(n[len("process_"):].split("-", 1)[0]))
+        fresh = json.loads(_iterator_state_text(data_iterator))
+        if _data_file() in names:
+            own = self._read_data_state(step, _data_file(), expected.get(_data_file()))
+            if data_position.layout(own) == data_position.layout(fresh):
+                return own
+        if not names:
+            raise DamagedCheckpointError(step, self.step_path(step),
+                                         "it holds no data iterator position.")
+        saved = [self._read_data_state(step, name, expected.get(name)) for name in names]
+        num_examples = data_position.examples_read(saved)
+        if global_batch_size is None:
+            raise CheckpointError(
+                f"{self.step_path(step)} was saved by {len(names)} processes (data workers "
+                f"{data_position.layout(saved[0])}); pass global_batch_size to resume it on "
+                f"{jax.process_count()} (data workers {data_position.layout(fresh)}).")
+        try:
+            state = data_position.state_at(fresh, num_examples, global_batch_size,
+                                           jax.process_index(), jax.process_count())
+        except ValueError as error:
+            raise CheckpointError(f"{self.step_path(step)}: {error}") from None
+        logging.warning(
+            "Step %d was saved by %d processes with %d data workers each; continuing on %d "
+            "processes with %d: the data resumes at global example %d.", step, len(names),
+            data_position.layout(saved[0]), jax.process_count(), data_position.layout(fresh),
+            num_examples)
+        return state
 
     def restore_latest_intact(
         self,
         state_template: Any,
         data_iterator: Iterator,
         check_run: Optional[Callable[[int, dict[str, Any]], None]] = None,
+        global_batch_size: Optional[int] = None,
     ) -> tuple[Optional[int], Any]:
         """Restores the newest checkpoint that verifies; moves damaged ones aside.
 
@@ -327,6 +376,7 @@ class Checkpointer:
           data_iterator: moved to the restored step's position.
           check_run: called with each candidate's step and ``run`` item before its arrays are
             read; it raises to refuse a checkpoint of another run (nothing is moved then).
+          global_batch_size: examples per step over all processes; see :meth:`restore`.
 
         Returns:
           ``(step, state)``, or ``(None, state_template)`` if no intact checkpoint is left.
@@ -335,7 +385,8 @@ class Checkpointer:
             try:
                 if check_run is not None:
                     check_run(step, self.read_run(step))
-                state, intact = self.restore(step, state_template, data_iterator), True
+                state = self.restore(step, state_template, data_iterator, global_batch_size)
+                intact = True
             except DamagedCheckpointError as error:
                 logging.error("%s", error)
                 intact = False
@@ -385,6 +436,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # Orbax removes a crashed save's leftovers in a thread it joins only before a save:
+        # join it here, so a run that stops without saving leaves no half-removed directory.
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
 
 

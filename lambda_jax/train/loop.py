@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import threading
-import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -15,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from lambda_jax.train import config_check
 from lambda_jax.train import metrics as metrics_lib
@@ -150,6 +149,18 @@ def _resume_check(run: dict[str, Any], allow_config_changes: bool, checkpointer:
     return check
 
 
+def _log_topology_change(saved: dict[str, Any], run: dict[str, Any], batch_size: int) -> None:
+    """Logs a resume on another number of processes or devices (an elastic resume)."""
+    if "num_devices" not in saved:  # saved before topologies were recorded
+        return
+    before = (saved["num_processes"], saved["num_devices"])
+    after = (run["num_processes"], run["num_devices"])
+    if before != after:
+        logging.warning("Elastic resume: saved by %s processes on %s devices, continuing on %d "
+                        "processes on %d devices with the same global batch of %d (%d examples "
+                        "per device).", *before, *after, batch_size, batch_size // after[1])
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -160,21 +171,26 @@ def train_and_evaluate(
     """Trains ``config.model`` on ``config.dataset``, evaluating, logging and checkpointing.
 
     Resumes from the newest intact checkpoint in ``<workdir>/checkpoints``; damaged ones are
-    moved to ``<workdir>/checkpoints_damaged/``. Without a checkpoint, starts from
+    moved to ``<workdir>/checkpoints_damaged/``. A checkpoint may come from another number of
+    processes and devices: the global batch stays ``config.batch_size`` and the data continues
+    at the same global example index. Without a checkpoint, starts from
     ``config.init_from``'s weights if set. Stops early with a checkpoint on SIGTERM or Ctrl-C.
     Writes TensorBoard events and ``config.json`` to ``workdir`` and, when training completes,
     ``<workdir>/final_metrics.json``.
 
     Args:
       config: a config from ``configs/`` (see ``configs/default.py`` for every field).
-      workdir: directory for checkpoints, event files and final metrics.
+      workdir: directory for checkpoints, event files and final metrics; local or a URL such
+        as ``gs://bucket/run`` (every file goes through ``etils.epath``, arrays through
+        Orbax and tensorstore).
       devices: devices to train on (default: all; a subset only on a single host).
       allow_config_changes: resume although fields outside
         :data:`config_check.MAY_CHANGE_ON_RESUME` differ from the checkpoint's; the changes
         and the learning rate before and after are logged.
 
     Returns:
-      The last metrics, with ``step`` and ``preempted``.
+      The last metrics, with ``step`` and ``preempted``. ``examples_per_second`` counts
+      training steps only, not the evaluations and checkpoint saves in between.
 
     Raises:
       ConfigChangeError: the newest intact checkpoint was saved with another run-defining
@@ -225,9 +241,12 @@ def train_and_evaluate(
         "config": config_json,
         "steps_per_epoch": steps_per_epoch,
         "num_train_steps": num_train_steps,
+        # How it ran: may change on resume (logged when it does).
+        "num_processes": jax.process_count(),
+        "num_devices": parallel.num_devices,
     }
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        epath.Path(workdir) / "checkpoints",
         keep=config.keep_checkpoints,
         async_saves=config.async_checkpoints,
     )
@@ -235,12 +254,14 @@ def train_and_evaluate(
         train_iter = iter(train_loader)
         latest, host_state = checkpointer.restore_latest_intact(
             host_state, train_iter,
-            check_run=_resume_check(run, allow_config_changes, checkpointer, workdir))
+            check_run=_resume_check(run, allow_config_changes, checkpointer, workdir),
+            global_batch_size=config.batch_size)
     except BaseException:
         checkpointer.close()
         raise
     if latest is not None:
         logging.info("Resumed from %s (step %d).", checkpointer.step_path(latest), latest)
+        _log_topology_change(checkpointer.read_run(latest), run, config.batch_size)
     else:
         train_iter = iter(train_loader)  # a damaged checkpoint may have moved it
         if config.init_from:
@@ -249,9 +270,7 @@ def train_and_evaluate(
                 for k in ("params", "batch_stats", "ema_params", "ema_batch_stats")})
             host_state = host_state.replace(**weights)
             logging.info("Starting from the weights in %s.", config.init_from)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    metrics_lib.write_json(workdir, "config.json", config.to_json_best_effort(indent=2))
     start_step = int(host_state.step)
     # Checkpoints take the prefetcher's position: that of the batches handed out.
     train_iter = DevicePrefetcher(train_iter, parallel.shard_batch)
@@ -275,8 +294,7 @@ def train_and_evaluate(
     preempted = False
     pending: list[dict[str, jax.Array]] = []  # on the devices, not yet checked
     fetched: list[dict[str, np.ndarray]] = []  # checked, not yet logged
-    interval_start = time.perf_counter()
-    interval_step = start_step
+    throughput = metrics_lib.Throughput(start_step)
     logging.info("Training %s on %s: steps %d..%d of %d per epoch, %d devices (%s).",
                  config.model, config.dataset, start_step, num_train_steps, steps_per_epoch,
                  parallel.num_devices, parallel.mode)
@@ -298,28 +316,28 @@ def train_and_evaluate(
                     fetched.extend(host_metrics)
                     pending = []
                 if log_due:
-                    elapsed = time.perf_counter() - interval_start
                     last = {
                         "train_loss": float(np.mean([m["loss"] for m in fetched])),
                         "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
                         "learning_rate": float(fetched[-1]["learning_rate"]),
                         "examples_per_second":
-                            (step - interval_step) * config.batch_size / max(elapsed, 1e-9),
+                            throughput.examples_per_second(step, config.batch_size),
                     }
                     writer.write(step, last)
                     metrics_lib.log_progress(step, num_train_steps, last)
                     fetched = []
-                    interval_start, interval_step = time.perf_counter(), step
                 # An evaluation due with a checkpoint runs first, so its metrics are saved
                 # with it and the best checkpoint is known after a resume.
                 evaluated = step % eval_every == 0 or done
                 if evaluated:
-                    eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
+                    with throughput.paused():
+                        eval_metrics = evaluate(p_eval_step, state, eval_fn, parallel)
                     writer.write(step, eval_metrics)
                     metrics_lib.log_progress(step, num_train_steps, eval_metrics)
                 if save_due:
-                    checkpointer.save(step, parallel.to_host(state), train_iter, run,
-                                      metrics=eval_metrics if evaluated else None)
+                    with throughput.paused():
+                        checkpointer.save(step, parallel.to_host(state), train_iter, run,
+                                          metrics=eval_metrics if evaluated else None)
                 if preempted:
                     logging.warning("Stopped at step %d with a checkpoint in %s; rerun the same "
                                     "command to resume.", step, checkpointer.step_path(step))

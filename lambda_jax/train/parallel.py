@@ -1,14 +1,19 @@
 """Data parallelism over all devices: ``jax.pmap`` or ``jax.jit(jax.shard_map(...))``.
 
 Both run the same per-device step functions. The train state is replicated on every
-device; each batch is split along its first axis. Under ``pmap`` the state carries a leading
-``[local_devices]`` axis; under ``shard_map`` it is one global array replicated over a 1-D
-device mesh and batches are global arrays assembled from each host's share
-(``jax.make_array_from_process_local_data``).
+device; each batch is split along its first axis. ``DataParallel(mode, devices)`` returns
+the class of the mode, behind one interface:
+
+- :class:`PmapParallel`: the state carries a leading ``[local_devices]`` axis; a host batch
+  is reshaped to ``[local_devices, per_device_batch, ...]``.
+- :class:`ShardMapParallel`: the state is one global array replicated over a 1-D device
+  mesh; batches are global arrays assembled from each host's share
+  (``jax.make_array_from_process_local_data``).
 """
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -16,21 +21,29 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
-MODES = ("pmap", "shard_map")
 
 
-class DataParallel:
+class DataParallel(abc.ABC):
     """Places the state and the batches on the devices and maps step functions over them.
+
+    ``DataParallel(mode, devices)`` makes a :class:`PmapParallel` or a
+    :class:`ShardMapParallel`.
 
     Args:
       mode: ``"pmap"`` or ``"shard_map"``.
       devices: the devices to use (default: all). A subset is for single-host runs only.
     """
 
+    mode: str
+
+    def __new__(cls, mode: str, devices: Optional[Sequence[jax.Device]] = None):
+        if cls is DataParallel:
+            if mode not in _BY_MODE:
+                raise ValueError(f"config.parallelism must be one of {MODES}, got {mode!r}.")
+            cls = _BY_MODE[mode]
+        return super().__new__(cls)
+
     def __init__(self, mode: str, devices: Optional[Sequence[jax.Device]] = None):
-        if mode not in MODES:
-            raise ValueError(f"config.parallelism must be one of {MODES}, got {mode!r}.")
-        self.mode = mode
         self.devices = list(devices) if devices is not None else jax.devices()
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         # Auto axes: Explicit ones (make_mesh's default) reject inputs placed without a mesh.
@@ -47,53 +60,25 @@ class DataParallel:
     def num_local_devices(self) -> int:
         return len(self.local_devices)
 
+    @abc.abstractmethod
     def map_train_step(self, step_fn: Callable) -> Callable:
         """``step_fn(state, batch, rng) -> (state, metrics)`` over all devices; donates state."""
-        if self.mode == "pmap":
-            return jax.pmap(
-                step_fn, axis_name=AXIS, in_axes=(0, 0, None), devices=self._pmap_devices(),
-                donate_argnums=(0,),
-            )
-        return jax.jit(self._shard_map(step_fn, (P(), P(AXIS), P()), (P(), P())), donate_argnums=(0,))
 
+    @abc.abstractmethod
     def map_eval_step(self, step_fn: Callable) -> Callable:
         """``step_fn(state, batch) -> sums`` over all devices."""
-        if self.mode == "pmap":
-            return jax.pmap(step_fn, axis_name=AXIS, devices=self._pmap_devices())
-        return jax.jit(self._shard_map(step_fn, (P(), P(AXIS)), P()))
 
-    def _pmap_devices(self) -> Optional[list]:
-        # pmap over all devices must not name them (required on multi-host).
-        return None if self.devices == jax.devices() else self.devices
-
-    def _shard_map(self, fn: Callable, in_specs: Any, out_specs: Any) -> Callable:
-        # check_vma=False: with it, the gradient of a replicated (P()) parameter comes back
-        # already summed over the devices and the step's lax.pmean would scale it again.
-        # Without it the per-device step sees per-device gradients exactly as under pmap.
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
-
+    @abc.abstractmethod
     def replicate(self, tree: Any) -> Any:
         """Host arrays (the same on every host) -> the state layout of this mode."""
-        if self.mode == "pmap":
-            sharding = NamedSharding(self._local_mesh, P(AXIS))
-            n = self.num_local_devices
-            return jax.tree.map(
-                lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sharding), tree
-            )
-        sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(
-            lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
-            tree,
-        )
 
     def to_host(self, tree: Any) -> Any:
         """A replicated device tree (state or metrics) -> one numpy copy."""
-        def first_copy(x):
-            data = np.asarray(x.addressable_shards[0].data)
-            return data[0] if self.mode == "pmap" else data
+        return jax.tree.map(lambda x: self._one_copy(np.asarray(x.addressable_shards[0].data)),
+                            tree)
 
-        return jax.tree.map(first_copy, tree)
+    def _one_copy(self, shard: np.ndarray) -> np.ndarray:
+        return shard
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's batch ``[host_batch, ...]`` -> device arrays split over the devices.
@@ -108,12 +93,75 @@ class DataParallel:
                 f"{self.num_local_devices} local devices; make the batch size a multiple of the "
                 "device count."
             )
-        if self.mode == "pmap":
-            sharding = NamedSharding(self._local_mesh, P(AXIS))
-            n = self.num_local_devices
-            return {
-                k: jax.device_put(np.reshape(v, (n, host_batch // n, *v.shape[1:])), sharding)
-                for k, v in batch.items()
-            }
-        sharding = NamedSharding(self.mesh, P(AXIS))
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        return {k: self._place(v) for k, v in batch.items()}
+
+    @abc.abstractmethod
+    def _place(self, host_array: np.ndarray) -> jax.Array:
+        """One array of a host batch -> its device array."""
+
+
+class PmapParallel(DataParallel):
+    """``jax.pmap`` over this host's devices; the state has a leading device axis."""
+
+    mode = "pmap"
+
+    def map_train_step(self, step_fn: Callable) -> Callable:
+        return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None),
+                        devices=self._pmap_devices(), donate_argnums=(0,))
+
+    def map_eval_step(self, step_fn: Callable) -> Callable:
+        return jax.pmap(step_fn, axis_name=AXIS, devices=self._pmap_devices())
+
+    def _pmap_devices(self) -> Optional[list]:
+        # pmap over all devices must not name them (required on multi-host).
+        return None if self.devices == jax.devices() else self.devices
+
+    def replicate(self, tree: Any) -> Any:
+        sharding = NamedSharding(self._local_mesh, P(AXIS))
+        n = self.num_local_devices
+        return jax.tree.map(
+            lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sharding), tree)
+
+    def _one_copy(self, shard: np.ndarray) -> np.ndarray:
+        return shard[0]
+
+    def _place(self, host_array: np.ndarray) -> jax.Array:
+        n = self.num_local_devices
+        shape = (n, len(host_array) // n, *host_array.shape[1:])
+        return jax.device_put(np.reshape(host_array, shape),
+                              NamedSharding(self._local_mesh, P(AXIS)))
+
+
+class ShardMapParallel(DataParallel):
+    """``jax.jit(jax.shard_map(...))`` over a 1-D mesh of all devices; global arrays."""
+
+    mode = "shard_map"
+
+    def map_train_step(self, step_fn: Callable) -> Callable:
+        return jax.jit(self._shard_map(step_fn, (P(), P(AXIS), P()), (P(), P())),
+                       donate_argnums=(0,))
+
+    def map_eval_step(self, step_fn: Callable) -> Callable:
+        return jax.jit(self._shard_map(step_fn, (P(), P(AXIS)), P()))
+
+    def _shard_map(self, fn: Callable, in_specs: Any, out_specs: Any) -> Callable:
+        # check_vma=False: with it, the gradient of a replicated (P()) parameter comes back
+        # already summed over the devices and the step's lax.pmean would scale it again.
+        # Without it the per-device step sees per-device gradients exactly as under pmap.
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+
+    def replicate(self, tree: Any) -> Any:
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                                   lambda i: np.asarray(x)[i]),
+            tree)
+
+    def _place(self, host_array: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(AXIS)),
+                                                      host_array)
+
+
+_BY_MODE = {cls.mode: cls for cls in (PmapParallel, ShardMapParallel)}
+MODES = tuple(_BY_MODE)

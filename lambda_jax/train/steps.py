@@ -124,7 +124,8 @@ def train_step(
       mean, std, input_dtype: see :func:`normalize_images`.
 
     Returns:
-      The new state and scalar metrics ``loss``, ``accuracy``, ``learning_rate``.
+      The new state and scalar metrics ``loss``, ``accuracy``, ``learning_rate`` and
+      ``grad_norm`` (global L2 norm of the mean gradient).
     """
     images = normalize_images(batch["image"], mean, std, input_dtype)
     labels = batch["label"]
@@ -166,6 +167,8 @@ def train_step(
         "loss": lax.pmean(loss, axis_name),
         "accuracy": lax.pmean(accuracy, axis_name),
         "learning_rate": learning_rate_fn(state.step),
+        # Of the gradient the optimizer receives (the device mean, before clipping).
+        "grad_norm": optax.global_norm(grads),
     }
     return new_state, metrics
 
