@@ -13,7 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: a name from lambda_jax.create_model, and field overrides passed to it.
     config.model = "lambda_resnet_tiny"
-    config.model_overrides = ml_collections.ConfigDict()
+    # Unset (None) entries are not passed; these two exist so that a flag can set them, e.g.
+    # --config.model_overrides.lambda_implementation=conv.
+    config.model_overrides = ml_collections.ConfigDict({
+        "lambda_implementation": ml_collections.config_dict.placeholder(str),
+        "stride_pool": ml_collections.config_dict.placeholder(str),
+    })
     config.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
 
     # Data (lambda_jax.data.create_datasets).

@@ -402,7 +402,8 @@ def create_datasets(config, *, seed: int, shard_options: grain.ShardOptions | No
     eval_dataset = (
         grain.MapDataset.source(
             PaddedShard(eval_source, start, end, num_eval_batches * host_eval_batch))
-        .map(EvalPreprocess(**steps))
+        .map(EvalPreprocess(**steps, crop_fraction=config.get("eval_crop_fraction"),
+                            interpolation=config.get("eval_interpolation")))
         .batch(host_eval_batch))
     eval_fn = EvalBatches(eval_dataset, num_eval_batches, num_workers)
 

@@ -210,7 +210,7 @@ def train_and_evaluate(
         num_classes=info.num_classes,
         dtype=DTYPES[config.dtype],
         axis_name=AXIS,
-        **config.model_overrides,
+        **{k: v for k, v in config.model_overrides.items() if v is not None},
     )
     steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
     num_train_steps = (
@@ -233,6 +233,9 @@ def train_and_evaluate(
     host_state = jax.device_get(jax.jit(init, compiler_options=options)(init_rng))
 
     config_json = json.loads(config.to_json_best_effort())
+    # Unset overrides are not part of the run, so a run saved without them resumes.
+    config_json["model_overrides"] = {
+        k: v for k, v in config_json["model_overrides"].items() if v is not None}
     run = {
         "model": config.model,
         "model_overrides": config_json["model_overrides"],
