@@ -23,7 +23,13 @@ import pytest
 from lambda_jax.train import EXIT_PREEMPTED, Checkpointer
 from test_train_program import QUICK, ROOT, _env, _max_difference, _slurm_port, _train_command
 
-pytestmark = pytest.mark.slow
+# Opt-in: on a loaded 2-core machine one process can reach its first collective more than
+# gloo's 30 s key-value timeout after the other, which fails the run.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("LAMBDA_JAX_MULTIPROCESS_TESTS") != "1",
+                       reason="two-process train.py runs; set LAMBDA_JAX_MULTIPROCESS_TESTS=1"),
+]
 DEVICES_PER_PROCESS = 2
 TIMEOUT = 900
 
