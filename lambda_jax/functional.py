@@ -126,8 +126,8 @@ def local_position_output(
       queries: ``[b, *S, h, k]``.
       values: ``[b, *S, v, u]``.
       kernel: ``[r, ..., r, k, u]`` (r odd).
-      implementation: one of ``position.IMPLEMENTATIONS``; ``"auto"`` picks the fastest
-        for this size (see ``position.resolve_local_implementation``).
+      implementation: one of ``position.IMPLEMENTATIONS``; ``"auto"`` picks one by
+        backend and size (see ``position.resolve_local_implementation``).
 
     Returns:
       ``[b, *S, h*v]`` (head-major) in ``accumulation_dtype(values.dtype)``.
