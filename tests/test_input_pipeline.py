@@ -161,6 +161,18 @@ def wait_until(condition, seconds=30):
         time.sleep(0.01)
 
 
+def test_a_peeked_batch_is_handed_out_next_and_counted_only_then():
+    with DevicePrefetcher(CountingIterator(limit=2), jax.device_put) as batches:
+        assert int(batches.peek()["x"][0]) == 0 and int(batches.peek()["x"][0]) == 0
+        assert batches.get_state() == b"0"
+        assert int(next(batches)["x"][0]) == 0 and batches.get_state() == b"1"
+        assert int(batches.peek()["x"][0]) == 1
+        batches.set_state(b"0")  # drops the peeked batch
+        assert [int(b["x"][0]) for b in batches] == [0, 1]
+        with pytest.raises(StopIteration):
+            batches.peek()
+
+
 def test_prefetcher_reraises_the_errors_of_its_thread():
     def put(batch):
         raise RuntimeError("placement failed")
@@ -211,6 +223,12 @@ def test_evaluation_passes_restart_at_the_first_batch(digits_dir):
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
+    # Read apart from the passes, which it does not move.
+    alone = eval_fn.first_batch()
+    for key in ("image", "label", "mask"):
+        np.testing.assert_array_equal(alone[key], first[0][key])
+    assert [batch["label"].tolist() for batch in eval_fn()] == \
+        [batch["label"].tolist() for batch in first]
 
 
 @pytest.mark.slow

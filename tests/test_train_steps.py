@@ -200,6 +200,40 @@ def test_eval_step_ignores_padding(mode):
     np.testing.assert_allclose(sums["loss"], np.sum(losses[:11]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_a_step_compiled_ahead_is_not_compiled_again_when_called(mode):
+    """DataParallel.compile is what keeps the processes of a run in step: the first call
+    must reuse its program instead of compiling one while the other processes wait."""
+    parallel = DataParallel(mode, jax.devices()[:2])
+
+    def compiles_of_first_call(ahead):
+        def step(state, batch, rng):  # a new function: nothing compiled for it yet
+            total = jax.lax.psum(jnp.sum(batch["x"] * state), AXIS)
+            return state + total, {"total": total}
+
+        mapped = parallel.map_train_step(step)
+        state = parallel.replicate(np.float32(1))
+        batch = parallel.shard_batch({"x": np.arange(4, dtype=np.float32)})
+        if ahead:
+            mapped = parallel.compile(mapped, state, batch, jax.random.key(0), name="test")
+        events = []
+
+        def listen(event, duration, **kwargs):
+            events.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            state, metrics = mapped(state, batch, jax.random.key(0))
+            total = parallel.to_host(metrics)["total"]
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+        assert total == 6
+        return events.count("/jax/core/compile/backend_compile_duration")
+
+    compiles_of_first_call(ahead=False)  # compiles the helpers every call uses
+    assert compiles_of_first_call(ahead=True) == compiles_of_first_call(ahead=False) - 1
+
+
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
     parallel = DataParallel("pmap", jax.devices()[:8])
     with pytest.raises(ValueError, match=r"config.batch_size=12 .* multiple of the device count \(8\)"):

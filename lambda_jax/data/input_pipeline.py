@@ -215,6 +215,11 @@ class EvalBatches:
             self._iterator = iter(dataset)
         return self._one_pass(self._iterator)
 
+    def first_batch(self) -> dict[str, np.ndarray]:
+        """The first batch of a pass, read in this process without starting one: the
+        shapes and dtypes every batch has."""
+        return self._dataset[0]
+
     def _one_pass(self, iterator):
         for _ in range(-self._taken % self.num_batches):
             next(iterator)

@@ -49,6 +49,7 @@ class DevicePrefetcher:
         self._iterator, self._put, self._size = iterator, put, size
         self._state = iterator.get_state() if hasattr(iterator, "get_state") else None
         self._thread = None
+        self._peeked = None
         self._start()
 
     def _start(self) -> None:
@@ -80,6 +81,19 @@ class DevicePrefetcher:
         return self
 
     def __next__(self):
+        batch, self._state = self._take()
+        self._peeked = None
+        return batch
+
+    def peek(self):
+        """The next batch without handing it out: the next `next()` returns it, and
+        `get_state()` does not count it until then."""
+        self._peeked = self._take()
+        return self._peeked[0]
+
+    def _take(self) -> tuple[Any, Any]:
+        if self._peeked is not None:
+            return self._peeked
         if self._finished:
             raise StopIteration
         item = self._queue.get()
@@ -89,8 +103,7 @@ class DevicePrefetcher:
                 raise item.error
             raise StopIteration
         self._slots.release()
-        batch, self._state = item
-        return batch
+        return item
 
     def get_state(self):
         """The wrapped iterator's state just after the last batch handed out."""
@@ -111,6 +124,7 @@ class DevicePrefetcher:
     def close(self) -> None:
         """Stops the background thread; prefetched batches are dropped and iteration ends."""
         self._finished = True
+        self._peeked = None
         if self._thread is None:
             return
         self._stop.set()

@@ -32,6 +32,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from lambda_jax.train import data_position
+from lambda_jax.train.parallel import barrier
 
 ITEMS = ("state", "data", "run", "checksums")
 DAMAGED_DIR = "checkpoints_damaged"
@@ -118,13 +119,6 @@ def _data_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _on_every_process(flag: bool) -> bool:
     """``flag`` and-ed over all processes: each host verifies its own data position."""
     if jax.process_count() == 1:
@@ -192,7 +186,7 @@ class Checkpointer:
                     destination = self._move_aside(child)
                     logging.warning("%s is named like a step but holds no checkpoint; moved it "
                                     "to %s.", child, destination)
-        _sync("lambda_jax_checkpoint_strays")
+        barrier("lambda_jax_checkpoint_strays")
 
     def _move_aside(self, path: epath.Path) -> epath.Path:
         self.damaged_directory.mkdir(parents=True, exist_ok=True)
@@ -403,7 +397,7 @@ class Checkpointer:
             destination = self._move_aside(self.directory / str(step))
             logging.error("Moved the damaged checkpoint of step %d to %s; it is kept for "
                           "inspection and never read again.", step, destination)
-        _sync(f"lambda_jax_checkpoint_set_aside_{step}")
+        barrier(f"lambda_jax_checkpoint_set_aside_{step}")
         self.manager.reload()
 
     def read_state(self, step: Optional[int] = None) -> dict[str, Any]:

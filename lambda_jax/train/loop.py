@@ -297,11 +297,18 @@ def train_and_evaluate(
     preempted = False
     pending: list[dict[str, jax.Array]] = []  # on the devices, not yet checked
     fetched: list[dict[str, np.ndarray]] = []  # checked, not yet logged
-    throughput = metrics_lib.Throughput(start_step)
     logging.info("Training %s on %s: steps %d..%d of %d per epoch, %d devices (%s).",
                  config.model, config.dataset, start_step, num_train_steps, steps_per_epoch,
                  parallel.num_devices, parallel.mode)
     try:
+        # Ahead of time, every process waiting for the others: see DataParallel.compile.
+        if start_step < num_train_steps:
+            p_train_step = parallel.compile(p_train_step, state, train_iter.peek(), dropout_rng,
+                                            name="train_step")
+        p_eval_step = parallel.compile(p_eval_step, state,
+                                       parallel.shard_batch(eval_fn.first_batch()),
+                                       name="eval_step")
+        throughput = metrics_lib.Throughput(start_step)
         with PreemptionGuard() as guard:
             while step < num_train_steps:
                 batch = next(train_iter)

@@ -14,6 +14,7 @@ the class of the mode, behind one interface:
 from __future__ import annotations
 
 import abc
+import itertools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -21,6 +22,27 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
+# Long enough for the slowest process to compile a large model's step.
+BARRIER_TIMEOUT_S = 3600
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Returns once every JAX process has called ``barrier(name)``; at once on one process.
+
+    A barrier of JAX's coordination service, with its own timeout, not a collective: the CPU
+    collectives (gloo) give up when one process waits more than 30 s for another.
+
+    Raises:
+      jax.errors.JaxRuntimeError: if some process does not arrive within ``timeout_s``.
+    """
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        # Every process passes the same barriers in the same order; the count makes each
+        # name unique, as the coordination service requires.
+        multihost.sync_global_processes(f"{name}_{next(_barriers)}", timeout=timeout_s,
+                                        processes=set(range(jax.process_count())))
 
 
 class DataParallel(abc.ABC):
@@ -67,6 +89,20 @@ class DataParallel(abc.ABC):
     @abc.abstractmethod
     def map_eval_step(self, step_fn: Callable) -> Callable:
         """``step_fn(state, batch) -> sums`` over all devices."""
+
+    def compile(self, mapped: Callable, *args: Any, name: str) -> Callable:
+        """Compiles ``mapped`` (from ``map_train_step`` or ``map_eval_step``) for ``args``'
+        shapes and placements now, and returns it; calls with such arguments reuse the
+        program.
+
+        With several processes it returns once every process has compiled it, so that no
+        process runs the program's first collective while another is still compiling.
+        """
+        # Lowered.compile() fills the cache that calls of pmap and jit look up; the
+        # returned executable is not used because under pmap it takes global arrays.
+        mapped.lower(*args).compile()
+        barrier(f"lambda_jax_compiled_{name}")
+        return mapped
 
     @abc.abstractmethod
     def replicate(self, tree: Any) -> Any:
