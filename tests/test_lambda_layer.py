@@ -159,6 +159,7 @@ def test_gradient_matches_finite_differences():
         x = jax.random.normal(jax.random.key(0), (2, 3, 4, 3), jnp.float64)
         variables = layer.init(jax.random.key(1), x)
 
+        @jax.jit
         def loss(x):
             return jnp.sum(jnp.sin(layer.apply(variables, x)))
 
