@@ -62,15 +62,12 @@ MODELS = (
               "resnet50_axial_attention_table4"),
 )
 # The same kinds of model at a size that compiles in seconds: one block per stage.
-_TINY_LOCAL = AttentionSlot(heads=4, window=3)
 _TINY_GLOBAL = AttentionSlot(heads=4, window=None)
 _TINY_AXIAL = AxialAttentionSlot(heads=4)
 SMOKE_MODELS = (
     ModelSpec("resnet50", "tiny convolution", "lambda_resnet_tiny",
               (("stage_slots", ("conv",) * 4),)),
     ModelSpec("lambda_table3", "tiny lambda", "lambda_resnet_tiny"),
-    ModelSpec("local_attention", "tiny local self-attention", "lambda_resnet_tiny",
-              (("stage_slots", ("conv", "conv", _TINY_LOCAL, _TINY_LOCAL)),)),
     ModelSpec("global_attention", "tiny global self-attention", "lambda_resnet_tiny",
               (("stage_slots", ("conv", _TINY_GLOBAL, _TINY_GLOBAL, _TINY_GLOBAL)),)),
     ModelSpec("axial_attention", "tiny axial self-attention", "lambda_resnet_tiny",

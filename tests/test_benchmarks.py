@@ -7,13 +7,16 @@ import sys
 
 import pytest
 
+from xla_test_flags import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_smoke(script, out_dir, name=None, plot=True):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    # The scripts measure one device, as users run them.
-    env.pop("XLA_FLAGS", None)
+    # One device, as users run them; unoptimised, since a smoke run checks the script and
+    # not its timings.
+    env["XLA_FLAGS"] = FAST_COMPILE
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", "--out",
          str(out_dir)],

@@ -59,15 +59,11 @@ def test_cloud_commands_are_shown_not_run():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
     # The kernel inherits this environment: the package from this checkout, the small
-    # settings, a private TFDS directory, and the simulated devices of conftest.py.
+    # settings, a private TFDS directory, and the XLA flags of conftest.py.
     python_path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(python_path))
     monkeypatch.setenv("LAMBDA_JAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tensorflow_datasets"))
-    # Unoptimised XLA programs: the small programs compile several times faster and
-    # still run in well under a second.
-    flags = os.environ.get("XLA_FLAGS", "")
-    monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_backend_optimization_level=0".strip())
     workdir = tmp_path / "run"
     workdir.mkdir()
     notebook = nbformat.read(path, as_version=4)

@@ -23,6 +23,7 @@ from lambda_jax.train import (
     NonFiniteError,
     train_and_evaluate,
 )
+from xla_test_flags import cpu_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The kill-and-resume run: small enough to take seconds per step on a CPU.
@@ -39,7 +40,7 @@ def compilation_cache(tmp_path_factory):
 
 def _env(num_devices, compilation_cache=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["XLA_FLAGS"] = cpu_flags(num_devices)
     if compilation_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache
     return env
