@@ -519,12 +519,12 @@ def resolve_local_implementation(
     ``"auto"`` depends on the backend the computation is compiled for:
 
     * images, every backend: ``"tiled"``. Its compiled training memory (XLA's memory
-      analysis of a layer's gradient step) is 0.5-0.8x ``"conv"``'s at every lambda shape of
-      the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4; asserted by
-      tests/test_memory.py), where ``"banded"`` takes 1.6-4.8x and ``"shift"`` up to 12x.
-      On CPU it is also the fastest formulation at those shapes but the 7x7 ones, where
-      ``"banded"`` and ``"shift"`` are faster at 1.3-2.4x the memory (benchmarks/README.md,
-      ``benchmarks/local_formulations.py``). On GPU and TPU no measurement exists yet;
+      analysis of a layer's gradient step) is 0.3-0.85x ``"conv"``'s at every lambda shape of
+      the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4; at most
+      1.25x is asserted by tests/test_memory.py), where ``"banded"`` takes 1.6-5.2x. On CPU
+      it is also the fastest formulation at the r=23 shapes but the 7x7 one; at the r=7, u=4
+      shapes ``"banded"`` or ``"shift"`` trains up to 1.35x faster at 1.7-3.5x ``"conv"``'s
+      memory (benchmarks/README.md, ``benchmarks/local_formulations.py``). On GPU and TPU no measurement exists yet;
       ``"tiled"`` is chosen there because all of its work is dense matrix products (which
       run on the tensor cores and the MXU) and it needs the least memory. ``"shift"`` is
       elementwise work on the vector units, ``"conv"`` a convolution with u input channels
