@@ -215,7 +215,7 @@ def test_a_step_compiled_ahead_is_not_compiled_again_when_called(mode):
         state = parallel.replicate(np.float32(1))
         batch = parallel.shard_batch({"x": np.arange(4, dtype=np.float32)})
         if ahead:
-            mapped = parallel.compile(mapped, state, batch, jax.random.key(0), name="test")
+            parallel.compile(mapped, state, batch, jax.random.key(0), name="test")
         events = []
 
         def listen(event, duration, **kwargs):

@@ -524,11 +524,12 @@ def resolve_local_implementation(
       1.25x is asserted by tests/test_memory.py), where ``"banded"`` takes 1.6-5.2x. On CPU
       it is also the fastest formulation at the r=23 shapes but the 7x7 one; at the r=7, u=4
       shapes ``"banded"`` or ``"shift"`` trains up to 1.35x faster at 1.7-3.5x ``"conv"``'s
-      memory (benchmarks/README.md, ``benchmarks/local_formulations.py``). On GPU and TPU no measurement exists yet;
-      ``"tiled"`` is chosen there because all of its work is dense matrix products (which
-      run on the tensor cores and the MXU) and it needs the least memory. ``"shift"`` is
-      elementwise work on the vector units, ``"conv"`` a convolution with u input channels
-      that the convolution units run at a small fraction of their rate.
+      memory (benchmarks/README.md, ``benchmarks/local_formulations.py``). On GPU and TPU
+      no measurement exists yet; ``"tiled"`` is chosen there because all of its work is
+      dense matrix products (which run on the tensor cores and the MXU) and it needs the
+      least memory. ``"shift"`` is elementwise work on the vector units, ``"conv"`` a
+      convolution with u input channels that the convolution units run at a small fraction
+      of their rate.
     * sequences and volumes, CPU: ``"shift"`` while ``r ** rank * u <= SHIFT_MAX_OFFSETS``,
       else ``"conv"``.
     * sequences and volumes, GPU and TPU: ``"conv"``, the formulation on the matrix units.

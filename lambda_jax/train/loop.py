@@ -303,11 +303,10 @@ def train_and_evaluate(
     try:
         # Ahead of time, every process waiting for the others: see DataParallel.compile.
         if start_step < num_train_steps:
-            p_train_step = parallel.compile(p_train_step, state, train_iter.peek(), dropout_rng,
-                                            name="train_step")
-        p_eval_step = parallel.compile(p_eval_step, state,
-                                       parallel.shard_batch(eval_fn.first_batch()),
-                                       name="eval_step")
+            parallel.compile(p_train_step, state, train_iter.peek(), dropout_rng,
+                             name="train_step")
+        parallel.compile(p_eval_step, state, parallel.shard_batch(eval_fn.first_batch()),
+                         name="eval_step")
         throughput = metrics_lib.Throughput(start_step)
         with PreemptionGuard() as guard:
             while step < num_train_steps:

@@ -40,7 +40,8 @@ def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
         from orbax.checkpoint import multihost
 
         # Every process passes the same barriers in the same order; the count makes each
-        # name unique, as the coordination service requires.
+        # name unique, as the coordination service requires. Naming the processes makes
+        # Orbax use the coordination service rather than a collective.
         multihost.sync_global_processes(f"{name}_{next(_barriers)}", timeout=timeout_s,
                                         processes=set(range(jax.process_count())))
 
@@ -90,10 +91,9 @@ class DataParallel(abc.ABC):
     def map_eval_step(self, step_fn: Callable) -> Callable:
         """``step_fn(state, batch) -> sums`` over all devices."""
 
-    def compile(self, mapped: Callable, *args: Any, name: str) -> Callable:
-        """Compiles ``mapped`` (from ``map_train_step`` or ``map_eval_step``) for ``args``'
-        shapes and placements now, and returns it; calls with such arguments reuse the
-        program.
+    def compile(self, mapped: Callable, *args: Any, name: str) -> None:
+        """Compiles ``mapped`` (from ``map_train_step`` or ``map_eval_step``) now for
+        ``args``' shapes and placements; its calls with such arguments reuse the program.
 
         With several processes it returns once every process has compiled it, so that no
         process runs the program's first collective while another is still compiling.
@@ -102,7 +102,6 @@ class DataParallel(abc.ABC):
         # returned executable is not used because under pmap it takes global arrays.
         mapped.lower(*args).compile()
         barrier(f"lambda_jax_compiled_{name}")
-        return mapped
 
     @abc.abstractmethod
     def replicate(self, tree: Any) -> Any:
