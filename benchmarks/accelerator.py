@@ -12,7 +12,7 @@ Meant for one GPU or TPU host (at most about 6 minutes there, no network); JSON 
   placement table on TPUv3 (C-C-L-L 4980 / 7240 = 0.69x, L-L-L-L 1160 / 7240 = 0.16x).
 
 The default rule of ``implementation="auto"`` on GPU and TPU is set from this JSON once one
-exists (``lambda_jax.layers.position.resolve_local_implementation``).
+exists (``lambda_jax.core.position.resolve_local_implementation``).
 
     PYTHONPATH=$PWD python benchmarks/accelerator.py [--smoke] [--out DIR] [--batch 64]
 """

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lambda_jax import LambdaLayer
-from lambda_jax.layers import position
+from lambda_jax.core import position
 
 
 def _dense(key, shape, fan_in):

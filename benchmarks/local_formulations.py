@@ -24,7 +24,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import lambda_shapes  # noqa: E402
-from lambda_jax.layers import position  # noqa: E402
+from lambda_jax.core import position  # noqa: E402
 
 FORMULATIONS = ("tiled", "banded", "shift", "conv")
 MEMORY_BOUND = 1.25

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 import common  # noqa: E402
-from lambda_jax.layers import position  # noqa: E402
+from lambda_jax.core import position  # noqa: E402
+from lambda_jax.core.position import shift  # noqa: E402
 
 
 def layer_rows(batch, size, channels, dim_k, heads, cases, runs, matmul):
@@ -120,7 +121,7 @@ def position_term_rows(batch, size, dim_k, heads, depth_v, receptive_fields, run
 
     def shift_autodiff(q, v, e):
         flat = e.reshape(-1, *e.shape[2:])
-        out = position._shift_output(q, v, flat.reshape(e.shape))
+        out = shift._shift_output(q, v, flat.reshape(e.shape))
         return out.reshape(batch, -1, heads, depth_v)
 
     formulations = [

@@ -1,5 +1,6 @@
 """lambda_jax: LambdaNetworks in JAX and Flax."""
 
+from lambda_jax import functional
 from lambda_jax.layers import (
     CausalLambdaLayer,
     DecodeState,
@@ -7,7 +8,6 @@ from lambda_jax.layers import (
     SharedPositionEmbeddings,
     resize_relative_embeddings,
 )
-from lambda_jax import functional  # noqa: I001 (after the layers, which import it)
 from lambda_jax.models import create_model, list_models
 from lambda_jax.weights import load_layer, load_model, save_model
 

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lambda_jax import functional
 from lambda_jax import models as linen_models
-from lambda_jax.functional import EMBEDDING_NAMES
+from lambda_jax.core import layer as core_layer
+from lambda_jax.core.settings import EMBEDDING_NAMES, LambdaSettings, check_tree
 from lambda_jax.layers import lambda_layer as linen_lambda_layer
 
 __all__ = ["BridgedModel", "LambdaLayer", "create_model"]
@@ -74,7 +74,7 @@ class LambdaLayer(nnx.Module):
         rngs: nnx.Rngs,
         **settings: Any,
     ):
-        self.settings = functional.LambdaSettings(dim_out=dim_out, **settings)
+        self.settings = LambdaSettings(dim_out=dim_out, **settings)
         self.settings.check()
         position = self.settings.position
         if spatial_size is not None:
@@ -154,7 +154,7 @@ class LambdaLayer(nnx.Module):
                 raise ValueError(f"The linen variables have no {collection!r}; this layer "
                                  f"needs {sorted(tree)}.")
             shapes = jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
-            functional.check_tree(collection, given, shapes)
+            check_tree(collection, given, shapes)
         for name in self._variable_names():
             holder = getattr(self, name)
             if name in ("query", "key", "value"):
@@ -238,17 +238,17 @@ class LambdaLayer(nnx.Module):
                              "(own_embeddings=False): pass embeddings=.")
         variables = self.linen_variables()
         params, stats = variables["params"], variables.get("batch_stats")
-        functional.check_call(settings, x, context, embeddings)
-        functional.check_variables(settings, params, stats, x, context, embeddings)
+        core_layer.check_call(settings, x, context, embeddings)
+        core_layer.check_variables(settings, params, stats, x, context, embeddings)
         train = not self.use_running_average
-        out, new_stats = functional.apply_lambda_layer(settings, params, x, context,
+        out, new_stats = core_layer.apply_lambda_layer(settings, params, x, context,
                                                        embeddings, stats, train)
         if train:
             for name, norm_stats in new_stats.items():
                 getattr(self, name).mean.set_value(norm_stats["mean"])
                 getattr(self, name).var.set_value(norm_stats["var"])
         if settings.stride == 2:
-            out = functional.pool_output(settings, out)
+            out = core_layer.pool_output(settings, out)
         return out
 
 

@@ -12,7 +12,7 @@ import pytest
 import lambda_jax
 from lambda_jax import LambdaLayer
 from lambda_jax import functional as F
-from lambda_jax.layers import position
+from lambda_jax.core import position
 from naive_lambda import (naive_apply_lambdas, naive_content_lambda, naive_lambda_layer,
                           naive_position_lambdas)
 from test_lambda_layer import _build, _settings

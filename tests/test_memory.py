@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 import lambda_shapes  # noqa: E402
-from lambda_jax.layers import position  # noqa: E402
+from lambda_jax.core import position  # noqa: E402
 
 BOUND = 1.25
 SHAPES = lambda_shapes.paper_lambda_shapes()

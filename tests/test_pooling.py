@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lambda_jax import LambdaLayer
-from lambda_jax.layers import pooling
+from lambda_jax.core import pooling
 from lambda_jax.models import LambdaSlot, ResNet
 
 POOLS = tuple(pooling.STRIDE_POOLS)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lambda_jax import LambdaLayer
-from lambda_jax.layers import position
+from lambda_jax.core import position
 
 
 def _reference(queries, values, kernel):

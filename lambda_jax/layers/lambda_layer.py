@@ -9,13 +9,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax import functional
-from lambda_jax.functional import EMBEDDING_NAMES, POSITIONS, STRIDE_POOLS, position_embedding_shape
-from lambda_jax.layers import pooling
-from lambda_jax.layers import position as position_lib
+from lambda_jax.core import layer as core_layer
+from lambda_jax.core.pooling import stride_pool
+from lambda_jax.core.position import IMPLEMENTATIONS
+from lambda_jax.core.settings import (
+    EMBEDDING_NAMES,
+    POSITIONS,
+    STRIDE_POOLS,
+    LambdaSettings,
+    position_embedding_shape,
+    settings_of,
+)
 from lambda_jax.layers.norm import BatchNormVariables
-
-IMPLEMENTATIONS = position_lib.IMPLEMENTATIONS
 
 __all__ = ["EMBEDDING_NAMES", "IMPLEMENTATIONS", "POSITIONS", "STRIDE_POOLS", "LambdaLayer",
            "SharedPositionEmbeddings", "position_embedding_shape"]
@@ -40,7 +45,7 @@ class Kernel(nn.Module):
                           self.param_dtype)
 
 
-class LambdaLayer(nn.Module):
+class LambdaLayer(LambdaSettings, nn.Module):
     """Multi-query lambda layer for sequences, images and volumes.
 
     Input ``x``: ``[batch, length, channels]``, ``[batch, height, width, channels]`` or
@@ -70,7 +75,7 @@ class LambdaLayer(nn.Module):
       has none.
     * ``stride=2, stride_pool="2x2"``: 2x2 average pooling of the output without padding
       (odd sizes floored), as timm; the paper (its LambdaResNets) strides with 3x3 average
-      pooling after the layer, ``stride_pool="3x3"`` (see :mod:`lambda_jax.layers.pooling`).
+      pooling after the layer, ``stride_pool="3x3"`` (see :mod:`lambda_jax.core.pooling`).
 
     Initialisation follows the paper: ``W_Q ~ N(0, (k d)^-1/2)``, ``W_K, W_V ~ N(0, d^-1/2)``,
     position embeddings ``N(0, 1)``; projections have no bias.
@@ -97,7 +102,7 @@ class LambdaLayer(nn.Module):
       stride: 1, or 2 to average-pool the output to ``ceil(size / 2)`` (``"3x3"``) or
         ``floor(size / 2)`` (``"2x2"``) per spatial axis.
       stride_pool: the pooling used when ``stride=2``, one of
-        :data:`lambda_jax.layers.pooling.STRIDE_POOLS`: ``"3x3"`` (the paper's, TensorFlow
+        :data:`lambda_jax.core.pooling.STRIDE_POOLS`: ``"3x3"`` (the paper's, TensorFlow
         ``"SAME"`` padding), ``"3x3_symmetric"`` (one cell of padding on each side) or
         ``"2x2"`` (timm's).
       axis_name: mapped axis over which batch-norm statistics are averaged
@@ -108,30 +113,15 @@ class LambdaLayer(nn.Module):
       param_dtype: parameter dtype.
     """
 
-    dim_out: int
-    dim_k: int = 16
-    heads: int = 4
-    dim_u: int = 1
-    position: str = "global"
-    receptive_field: int = 23
-    implementation: str = "auto"
-    use_batchnorm: bool = True
-    position_bias: bool = False
-    stride: int = 1
-    stride_pool: str = "3x3"
-    axis_name: Optional[Any] = None
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
 
+    __repr__ = nn.Module.__repr__
+
     @property
-    def settings(self) -> functional.LambdaSettings:
+    def settings(self) -> LambdaSettings:
         """The layer's fields but ``param_dtype``, as :func:`lambda_jax.functional.lambda_layer`
         takes them."""
-        return functional.LambdaSettings(**{
-            field.name: getattr(self, field.name)
-            for field in dataclasses.fields(functional.LambdaSettings)})
+        return settings_of(self, LambdaSettings)
 
     def position_embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
         """The shape of the ``embeddings`` argument for inputs of spatial size ``spatial``
@@ -190,8 +180,8 @@ class LambdaLayer(nn.Module):
           ``[batch, *spatial, dim_out]`` (each spatial size halved when ``stride=2``).
         """
         settings = self.settings
-        functional.check_call(settings, x, context, embeddings)
-        functional.check_relative_table(settings, self.variables.get("params", {}),
+        core_layer.check_call(settings, x, context, embeddings)
+        core_layer.check_relative_table(settings, self.variables.get("params", {}),
                                         tuple(x.shape[1:-1]))
         params, stat_variables = self._variables(x, x if context is None else context,
                                                  embeddings)
@@ -200,7 +190,7 @@ class LambdaLayer(nn.Module):
         if self.is_initializing():
             # Like nn.BatchNorm: statistics are not synchronised across devices at init.
             settings = dataclasses.replace(settings, axis_name=None)
-        out, new_stats = functional.apply_lambda_layer(settings, params, x, context,
+        out, new_stats = core_layer.apply_lambda_layer(settings, params, x, context,
                                                        embeddings, stats, train)
         if train and not self.is_initializing():
             for name, norm in stat_variables.items():
@@ -212,7 +202,7 @@ class LambdaLayer(nn.Module):
 
     def _pool(self, out: jax.Array) -> jax.Array:
         """Average-pools ``[batch, *spatial, dim_out]`` with stride 2 on every spatial axis."""
-        return pooling.stride_pool(out, self.stride_pool)
+        return stride_pool(out, self.stride_pool)
 
 
 class SharedPositionEmbeddings(nn.Module):

@@ -1,0 +1,1 @@
+"""The pure core: the lambda layer's maths as functions of arrays."""
