@@ -105,7 +105,10 @@ def _check_formulation_rows(rows, shapes):
     for layer in shapes:
         by_implementation = {row["implementation"]: row for row in rows if row["layer"] == layer}
         assert set(by_implementation) == {"tiled", "banded", "shift", "conv"}
-        assert [name for name, row in by_implementation.items() if row["default"]] == ["tiled"]
+        assert [name for name, row in by_implementation.items()
+                if row["default_train"]] == ["tiled"]
+        assert [name for name, row in by_implementation.items()
+                if row["default_inference"]] == ["shift"]
         conv = by_implementation["conv"]
         assert conv["train_vs_conv"] == 1.0 and conv["memory_vs_conv"] == 1.0
         for row in by_implementation.values():
@@ -116,6 +119,14 @@ def _check_formulation_rows(rows, shapes):
         assert default["time_bound"] == 1.0
         assert default["within_bounds"] == (default["memory_vs_conv"] <= 1.25
                                              and default["train_vs_conv"] <= 1.0)
+        allowed = [row["train_ms"] for row in by_implementation.values()
+                   if row["memory_vs_conv"] <= 1.25]
+        assert default["train_vs_fastest"] == pytest.approx(default["train_ms"] / min(allowed))
+        inference = by_implementation["shift"]
+        allowed = [row["forward_ms"] for row in by_implementation.values()
+                   if row["forward_temp_mb"] <= 2 * conv["forward_temp_mb"]]
+        assert inference["forward_vs_fastest"] == pytest.approx(
+            inference["forward_ms"] / min(allowed))
 
 
 @pytest.mark.slow
@@ -124,7 +135,7 @@ def test_local_formulations_smoke(tmp_path):
     _check_formulation_rows(payload["rows"], {"8x8x16 r=5 u=1", "6x6x16 r=3 u=2"})
     assert payload["settings"]["memory_bound"] == 1.25
     assert "load_average_1_5_15_min_at_start" in payload["machine"]
-    assert "| layer | implementation | default |" in stdout
+    assert "| layer | implementation | default_train | default_inference |" in stdout
 
 
 @pytest.mark.slow

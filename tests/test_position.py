@@ -127,10 +127,11 @@ def test_layer_implementations_agree_in_value_and_parameter_gradients():
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _implementation_used(layer, x):
+def _implementation_used(layer, x, train=False):
     """Which formulation the layer's computation contains, read from its jaxpr."""
     variables = jax.eval_shape(layer.init, jax.random.key(0), x)
-    jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
+    jaxpr = str(jax.make_jaxpr(
+        lambda v, x: layer.apply(v, x, train=train, mutable=["batch_stats"]))(variables, x))
     used = {"conv": "conv_general_dilated" in jaxpr, "shift": "custom_vjp" in jaxpr,
             "tiled": "scan" in jaxpr}
     assert sum(used.values()) <= 1
@@ -153,13 +154,16 @@ def test_auto_resolves_by_backend_rank_and_kernel_offsets_times_u(backend, recep
             pinned, spatial, receptive_field, dim_u, backend=backend) == pinned
 
 
-@pytest.mark.parametrize("rank, expected", [(2, "tiled"), (1, "shift"), (3, "conv")])
-def test_layer_auto_uses_the_formulation_of_the_default_backend(rank, expected):
+@pytest.mark.parametrize("rank, train, expected", [
+    (2, True, "tiled"), (2, False, "shift"), (1, True, "shift"), (1, False, "shift"),
+    (3, True, "conv"), (3, False, "conv")])
+def test_layer_auto_uses_the_formulation_of_the_default_backend_and_mode(rank, train,
+                                                                         expected):
     assert jax.default_backend() == "cpu"
     layer = LambdaLayer(dim_out=4, dim_k=2, heads=2, position="local",
                         receptive_field=7 if rank == 3 else 5)
     x = jnp.zeros((1,) + (3,) * rank + (4,))
-    assert _implementation_used(layer, x) == expected
+    assert _implementation_used(layer, x, train) == expected
     for implementation in ("shift", "conv") + (("banded", "tiled") if rank == 2 else ()):
         assert _implementation_used(layer.clone(implementation=implementation), x) == implementation
 

@@ -21,11 +21,11 @@ from lambda_jax.core.norm import apply_batch_norm
 from lambda_jax.core.numerics import accumulation_dtype, project
 from lambda_jax.core.position import (
     LAMBDA_IMPLEMENTATIONS,
+    choose_local_implementation,
     global_position_lambdas,
     local_position_lambdas,
-    local_position_output,
-    resolve_local_implementation,
 )
+from lambda_jax.core.position.output import position_output
 from lambda_jax.core.settings import EMBEDDING_NAMES, LambdaSettings, check_tree
 
 
@@ -40,8 +40,8 @@ def apply_lambda_layer(
 ) -> tuple[jax.Array, dict[str, Any]]:
     """:func:`lambda_layer` with checked settings and shapes, before the stride pooling.
 
-    The local formulation ``"auto"`` picks is that for a training step when ``train`` (batch
-    statistics), for inference otherwise. Returns ``([batch, *S, dim_out], new
+    The local formulation ``"auto"`` and ``"autotune"`` pick is that for a training step
+    when ``train`` (batch statistics), for inference otherwise. Returns ``([batch, *S, dim_out], new
     batch_stats)``; the modules call it.
     """
     if context is None:
@@ -75,26 +75,25 @@ def apply_lambda_layer(
     values = jnp.swapaxes(values.reshape(batch, *context_spatial, u, v), -1, -2)
     lambdas = content_lambda(keys, values.reshape(batch, m, v, u))[:, None]  # [b, 1, k, v]
 
-    position_output = None
+    local_output = None
     if settings.position == "global":
         table = params[EMBEDDING_NAMES["global"]] if embeddings is None else embeddings
         lambdas = lambdas + global_position_lambdas(values, table)
     elif settings.position == "local":
         kernel = params[EMBEDDING_NAMES["local"]] if embeddings is None else embeddings
-        mode = "train" if train else "inference"
-        local = resolve_local_implementation(
-            settings.implementation, spatial, settings.receptive_field, u, mode=mode)
+        image_queries = queries.reshape(batch, *spatial, h, k)
+        local = choose_local_implementation(settings.implementation, image_queries, values,
+                                            kernel, "train" if train else "inference")
         if local in LAMBDA_IMPLEMENTATIONS:
             lambdas = lambdas + local_position_lambdas(values, kernel, local)
         else:
-            position_output = local_position_output(
-                queries.reshape(batch, *spatial, h, k), values, kernel, local)
+            local_output = position_output(image_queries, values, kernel, local)
     if settings.position_bias:
         lambdas = lambdas + params["position_bias"][:, None].astype(lambdas.dtype)
 
     out = apply_lambdas(queries, lambdas).reshape(batch, *spatial, h * v)
-    if position_output is not None:
-        out = out + position_output
+    if local_output is not None:
+        out = out + local_output
     out = out.astype(compute_dtype)
     chex.assert_shape(out, (batch, *spatial, settings.dim_out))
     return out, new_stats

@@ -14,20 +14,27 @@ Conventions shared by every module of this package (s = number of spatial axes, 
 from lambda_jax.core.numerics import accumulation_dtype
 from lambda_jax.core.position.banded import banded_lambda_convolution
 from lambda_jax.core.position.conv import lambda_convolution
+from lambda_jax.core.position.pallas import pallas_position_output
 from lambda_jax.core.position.relative import (
     global_position_lambdas,
     relative_embeddings,
     relative_position_index,
 )
+from lambda_jax.core.position.output import (
+    choose_local_implementation,
+    local_position_lambdas,
+    local_position_output,
+)
 from lambda_jax.core.position.resolve import (
     IMAGE_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     LAMBDA_IMPLEMENTATIONS,
+    MEMORY_BOUNDS,
     MODES,
     OUTPUT_IMPLEMENTATIONS,
+    SHIFT_MAX_COMPILED_OFFSETS,
     SHIFT_MAX_OFFSETS,
-    local_position_lambdas,
-    local_position_output,
+    autotune_candidates,
     resolve_local_implementation,
 )
 from lambda_jax.core.position.shift import shifted_position_output
@@ -37,15 +44,20 @@ __all__ = [
     "IMAGE_IMPLEMENTATIONS",
     "IMPLEMENTATIONS",
     "LAMBDA_IMPLEMENTATIONS",
+    "MEMORY_BOUNDS",
     "MODES",
     "OUTPUT_IMPLEMENTATIONS",
+    "SHIFT_MAX_COMPILED_OFFSETS",
     "SHIFT_MAX_OFFSETS",
     "accumulation_dtype",
+    "autotune_candidates",
     "banded_lambda_convolution",
+    "choose_local_implementation",
     "global_position_lambdas",
     "lambda_convolution",
     "local_position_lambdas",
     "local_position_output",
+    "pallas_position_output",
     "relative_embeddings",
     "relative_position_index",
     "resolve_local_implementation",

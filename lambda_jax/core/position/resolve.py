@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
-import chex
 import jax
 
-from lambda_jax.core.content import apply_lambdas
-from lambda_jax.core.position.banded import banded_lambda_convolution
-from lambda_jax.core.position.conv import lambda_convolution
-from lambda_jax.core.position.shift import shifted_position_output
-from lambda_jax.core.position.tiled import tiled_position_output
-
 LAMBDA_IMPLEMENTATIONS = ("conv", "banded")
-OUTPUT_IMPLEMENTATIONS = ("shift", "tiled")
-IMPLEMENTATIONS = ("auto",) + LAMBDA_IMPLEMENTATIONS + OUTPUT_IMPLEMENTATIONS
+OUTPUT_IMPLEMENTATIONS = ("shift", "tiled", "pallas")
+# "auto": a static rule by backend, size and mode; "autotune": measured on the device.
+IMPLEMENTATIONS = ("auto", "autotune") + LAMBDA_IMPLEMENTATIONS + OUTPUT_IMPLEMENTATIONS
 # Formulations written for images [batch, height, width, ...] only.
-IMAGE_IMPLEMENTATIONS = ("banded", "tiled")
+IMAGE_IMPLEMENTATIONS = ("banded", "tiled", "pallas")
 # The computations "auto" tells apart: a gradient step, or the forward pass alone.
 MODES = ("train", "inference")
-# On CPU, sequences and volumes use "shift" up to this many kernel offsets times u, "conv"
-# above it: the shifted sums unroll one term per offset, u and head, so their compile time
-# grows with them.
+# On CPU, "auto" uses "shift" for sequences and volumes, and for images in inference, up to
+# this many kernel offsets times u: the shifted sums unroll one term per offset, u and head,
+# so their compile time and their forward's time grow with them.
 SHIFT_MAX_OFFSETS = 169
+# Past this many kernel offsets times u, compiling "shift" takes over a minute (on CPU, at
+# the Table 3 layers), so "autotune" does not try it.
+SHIFT_MAX_COMPILED_OFFSETS = 289
+# The most compiled memory (XLA's temporaries) a formulation may take, as a multiple of
+# "conv"'s, by mode: a training step keeps the paper's memory; inference, which keeps no
+# activations for a backward pass, may take twice it.
+MEMORY_BOUNDS = {"train": 1.25, "inference": 2.0}
 
 
-def _check_images(implementation: str, spatial: Sequence[int]) -> None:
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+
+
+def check_images(implementation: str, spatial: Sequence[int]) -> None:
     if implementation in IMAGE_IMPLEMENTATIONS and len(spatial) != 2:
         raise ValueError(
             f"implementation={implementation!r} needs images [batch, height, width, "
@@ -47,20 +52,30 @@ def resolve_local_implementation(
     """The formulation that computes a local layer: ``implementation`` with ``"auto"``
     resolved for inputs of spatial size ``spatial`` (1 to 3 axes) and an r^s x u kernel.
 
-    ``"auto"`` depends on the backend the computation is compiled for:
+    ``"auto"`` depends on the mode and the backend the computation is compiled for. In
+    training it is the fastest formulation measured within ``MEMORY_BOUNDS["train"]``
+    (1.25x) of ``"conv"``'s compiled training memory; in inference the fastest within
+    ``MEMORY_BOUNDS["inference"]`` (2x) of its compiled forward memory:
 
-    * images, every backend: ``"tiled"``. Its compiled training memory (XLA's memory
-      analysis of a layer's gradient step) is 0.3-0.85x ``"conv"``'s at every lambda shape of
-      the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4; at most
-      1.25x is asserted by tests/test_memory.py), where ``"banded"`` takes 1.6-5.2x. On CPU
-      it is also the fastest formulation at the r=23 shapes but the 7x7 one; at the r=7, u=4
-      shapes ``"banded"`` or ``"shift"`` trains up to 1.35x faster at 1.7-3.5x ``"conv"``'s
-      memory (benchmarks/README.md, ``benchmarks/local_formulations.py``). On GPU and TPU
-      no measurement exists yet; ``"tiled"`` is chosen there because all of its work is
-      dense matrix products (which run on the tensor cores and the MXU) and it needs the
-      least memory. ``"shift"`` is elementwise work on the vector units, ``"conv"`` a
-      convolution with u input channels that the convolution units run at a small fraction
-      of their rate.
+    * images, training, every backend: ``"tiled"``. Its compiled training memory (XLA's
+      memory analysis of a layer's gradient step) is 0.3-0.85x ``"conv"``'s at every lambda
+      shape of the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4;
+      at most 1.25x is asserted by tests/test_memory.py), where ``"banded"`` takes 1.6-5.2x.
+      On CPU it is also the fastest formulation at the r=23 shapes but the 7x7 one; at the
+      r=7, u=4 shapes ``"banded"`` or ``"shift"`` trains up to 1.35x faster at 1.7-3.5x
+      ``"conv"``'s memory (benchmarks/README.md, ``benchmarks/local_formulations.py``).
+    * images, inference, CPU: ``"shift"`` while ``r * r * u <= SHIFT_MAX_OFFSETS``, else
+      ``"tiled"``. With no backward pass, the shifted sums (h*(k+v) multiply-adds per
+      offset instead of k*v) are the fastest forward at small scopes (r=9, u=1: 1.6x faster
+      than ``"tiled"`` on a 2-core Xeon, as fast on 2 EPYC cores) at about half of
+      ``"conv"``'s memory; past that their unrolled terms make ``"tiled"`` faster.
+    * images, GPU and TPU, both modes: ``"tiled"``. No measurement exists yet; all of its
+      work is dense matrix products (which run on the tensor cores and the MXU) and it
+      needs the least memory. ``"shift"`` is elementwise work on the vector units,
+      ``"conv"`` a convolution with u input channels that the convolution units run at a
+      small fraction of their rate. ``"autotune"`` measures instead.
+    * ``"pallas"``, the fused Pallas kernel, is never picked: no device measurement in
+      ``benchmarks/results/`` shows it faster yet. ``"autotune"`` measures it on GPU and TPU.
     * sequences and volumes, CPU: ``"shift"`` while ``r ** rank * u <= SHIFT_MAX_OFFSETS``,
       else ``"conv"``.
     * sequences and volumes, GPU and TPU: ``"conv"``, the formulation on the matrix units.
@@ -81,76 +96,34 @@ def resolve_local_implementation(
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
         )
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    _check_images(implementation, spatial)
+    check_mode(mode)
+    check_images(implementation, spatial)
+    if implementation == "autotune":
+        raise ValueError(
+            "implementation='autotune' measures the formulations on the arrays' shapes: "
+            "resolve it with choose_local_implementation(implementation, queries, values, "
+            "kernel, mode)."
+        )
     if implementation != "auto":
         return implementation
-    if len(spatial) == 2:
-        return "tiled"
     backend = jax.default_backend() if backend is None else backend
-    if backend == "cpu" and receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_OFFSETS:
-        return "shift"
-    return "conv"
+    few_offsets = receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_OFFSETS
+    if len(spatial) == 2:
+        return "shift" if mode == "inference" and backend == "cpu" and few_offsets else "tiled"
+    return "shift" if backend == "cpu" and few_offsets else "conv"
 
 
-def local_position_lambdas(
-    values: jax.Array, kernel: jax.Array, implementation: str = "conv"
-) -> jax.Array:
-    """The local position lambdas by a formulation of ``LAMBDA_IMPLEMENTATIONS``.
-
-    Args:
-      values: ``[batch, *spatial, v, u]``.
-      kernel: ``[r, ..., r, k, u]`` (r odd).
-      implementation: ``"conv"`` (the reference) or ``"banded"`` (images only).
-
-    Returns:
-      ``[batch, n, k, v]`` in ``accumulation_dtype(values.dtype)``.
-    """
-    chex.assert_rank(kernel, values.ndim - 1)
-    if implementation == "conv":
-        return lambda_convolution(values, kernel)
-    if implementation == "banded":
-        _check_images(implementation, values.shape[1:-2])
-        return banded_lambda_convolution(values, kernel)
-    raise ValueError(
-        f"implementation must be one of {LAMBDA_IMPLEMENTATIONS} to build position lambdas, "
-        f"got {implementation!r}."
-    )
-
-
-def local_position_output(
-    queries: jax.Array,
-    values: jax.Array,
-    kernel: jax.Array,
-    implementation: str = "auto",
-    mode: str = "train",
-) -> jax.Array:
-    """The local position term of the output, ``Σ_k Q[n,h,k] λp_n[k, v]``, by any formulation.
-
-    Formulations of ``OUTPUT_IMPLEMENTATIONS`` never build the position lambdas; for those
-    of ``LAMBDA_IMPLEMENTATIONS`` the queries are applied to them.
-
-    Args:
-      queries: ``[batch, *spatial, h, k]``.
-      values: ``[batch, *spatial, v, u]``.
-      kernel: ``[r, ..., r, k, u]`` (r odd).
-      implementation: one of ``IMPLEMENTATIONS``; ``"auto"`` picks one by backend, size and
-        ``mode`` (see :func:`resolve_local_implementation`).
-      mode: ``"train"`` or ``"inference"``, the computation ``"auto"`` picks for.
-
-    Returns:
-      ``[batch, *spatial, h*v]`` (head-major) in ``accumulation_dtype(values.dtype)``.
-    """
-    batch, *spatial, heads, depth_k = queries.shape
-    chex.assert_shape(values, (batch, *spatial, None, None))
-    chex.assert_shape(kernel, (kernel.shape[0],) * len(spatial) + (depth_k, values.shape[-1]))
-    resolved = resolve_local_implementation(
-        implementation, spatial, kernel.shape[0], values.shape[-1], mode=mode)
-    if resolved == "shift":
-        return shifted_position_output(queries, values, kernel)
-    if resolved == "tiled":
-        return tiled_position_output(queries, values, kernel)
-    lambdas = local_position_lambdas(values, kernel, resolved)
-    flat = queries.reshape(batch, math.prod(spatial), heads, depth_k)
-    return apply_lambdas(flat.astype(lambdas.dtype), lambdas).reshape(batch, *spatial, -1)
+def autotune_candidates(spatial: Sequence[int], receptive_field: int, dim_u: int,
+                        backend: str) -> tuple[str, ...]:
+    """The formulations ``"autotune"`` measures for inputs of spatial size ``spatial`` and an
+    r^s x u kernel on ``backend``: those correct for the input's rank and not known to take
+    minutes to compile. ``"conv"``, the reference, is always one."""
+    names = ["conv"]
+    if len(spatial) == 2:
+        names += ["banded", "tiled"]
+        # The fused kernel compiles for GPUs and TPUs; on CPU it runs interpreted.
+        if backend != "cpu":
+            names.append("pallas")
+    if receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_COMPILED_OFFSETS:
+        names.append("shift")
+    return tuple(names)
