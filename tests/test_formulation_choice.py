@@ -128,3 +128,28 @@ def test_pallas_trains_a_lambda_resnet_for_one_step_as_conv_does():
     assert jnp.isfinite(losses["pallas"]) and jnp.isfinite(norms["pallas"])
     assert losses["pallas"] == pytest.approx(losses["conv"], rel=1e-4)
     assert norms["pallas"] == pytest.approx(norms["conv"], rel=1e-3)
+
+
+def test_the_autotune_command_fills_the_cache_for_every_local_layer(tmp_path):
+    env = {**os.environ, "LAMBDA_JAX_CACHE_DIR": str(tmp_path / "cache"),
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": cpu_flags(1)}
+    out = tmp_path / "table.json"
+    command = [sys.executable, "-m", "lambda_jax.autotune", "--model", "lambda_resnet50",
+               "--image_size", "64", "--batch", "2", "--out", str(out)]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| layer | input | mode |" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["mode"] for row in rows} == {"train", "inference"}
+    layers = {row["layer"] for row in rows}
+    assert len(rows) == 2 * len(layers) and len(layers) >= 2
+    for row in rows:
+        assert row["choice"] in row["measurements"] and "conv" in row["measurements"]
+        assert row["measurements"][row["choice"]]["within_bound"]
+        assert f"**{row['choice']}**" in run.stdout
+    # Every distinct problem was measured once and written: the cache answers a second run.
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(row["from_cache"] for row in json.loads(out.read_text())["rows"])

@@ -14,8 +14,8 @@ timing), ``cache`` (the files), ``agree`` (trace-time execution, process 0's dec
 
 from lambda_jax.core.autotune.cache import cache_dir, cached_choices, full_key
 from lambda_jax.core.autotune.choice import Choice, Measurement
-from lambda_jax.core.autotune.decide import choose, forget
+from lambda_jax.core.autotune.decide import choose, forget, recording
 from lambda_jax.core.autotune.measure import compiled_candidates
 
 __all__ = ["Choice", "Measurement", "cache_dir", "cached_choices", "choose",
-           "compiled_candidates", "forget", "full_key"]
+           "compiled_candidates", "forget", "full_key", "recording"]

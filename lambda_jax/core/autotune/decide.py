@@ -1,6 +1,7 @@
 """``choose``: the fastest formulation of a function within a memory bound, decided once per
 problem and device kind, cached in this process and on disk, the same on every process."""
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -17,11 +18,25 @@ from lambda_jax.core.autotune.measure import measure
 # processes hit it or miss it together and the exchange stays collective.
 _decided: dict[str, Choice] = {}
 _lock = threading.Lock()
+# The lists that ``recording`` blocks collect the decisions of their calls into.
+_recorders: list[list[Choice]] = []
 
 
 def forget() -> None:
     """Empties the in-process cache (the files on disk stay)."""
     _decided.clear()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects every ``Choice`` that ``choose`` returns inside the block, cached or not:
+    ``with recording() as made: ...`` leaves them in ``made`` in the order of the calls."""
+    made: list[Choice] = []
+    _recorders.append(made)
+    try:
+        yield made
+    finally:
+        _recorders.remove(made)
 
 
 def _measured_or_cached(candidates, args, key, *, mode, reference, memory_bound,
@@ -91,9 +106,12 @@ def choose(candidates: Mapping[str, Callable[..., jax.Array]],
     memo = cache.digest(full_key)
     with _lock:
         if memo in _decided:
-            return dataclasses.replace(_decided[memo], from_cache=True)
-        choice = agree.outside_traces(lambda: _decide(
-            candidates, args, full_key, backend, mode=mode, reference=reference,
-            memory_bound=memory_bound))
-        _decided[memo] = choice
+            choice = dataclasses.replace(_decided[memo], from_cache=True)
+        else:
+            choice = agree.outside_traces(lambda: _decide(
+                candidates, args, full_key, backend, mode=mode, reference=reference,
+                memory_bound=memory_bound))
+            _decided[memo] = choice
+    for made in _recorders:
+        made.append(choice)
     return choice
