@@ -2,10 +2,13 @@
 
 Meant for one GPU or TPU host (at most about 6 minutes there, no network); JSON out:
 
-* per formulation of the local position term, at every lambda layer of the paper's
-  ResNet-50s at 224 pixels, batch 8 (``local_formulations.py``'s rows, in bfloat16):
-  forward and training time and the training step's compiled temporaries, as ratios to
-  ``"conv"``. ``"shift"`` at r=23 is skipped and marked so (its compile takes minutes).
+* per formulation of the local position term, the fused Pallas kernel (``"pallas"``)
+  among them, at every lambda layer of the paper's ResNet-50s at 224 pixels, batch 8
+  (``local_formulations.py``'s rows, in bfloat16): forward and training time and compiled
+  temporaries, as ratios to ``"conv"``, and the fraction of the device's bfloat16 peak
+  (the paper formulation's FLOPs over the time; the peak by device kind, ``PEAK_TFLOPS``,
+  or ``--peak-tflops``). ``"shift"`` at r=23 is skipped and marked so (its compile takes
+  minutes).
 * training throughput (examples/s) and compiled memory of ResNet-50, the lambda ResNet-50
   of Table 3 (L-L-L-L), the C-C-L-L placement and LambdaResNet-50 at 224 pixels in
   bfloat16 (float32 parameters), as ratios to ResNet-50, next to the ratios of the paper's
@@ -55,7 +58,28 @@ SMOKE_MODELS = (
 )
 
 
+# Dense bfloat16 matrix rate per chip (TFLOP/s, the vendors' figures), by a part of the
+# device kind.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+FORMULATIONS = local_formulations.FORMULATIONS + ("pallas",)
+
+
+def peak_flops(device_kind: str, given_tflops=None):
+    """The device's bfloat16 peak in FLOP/s: ``given_tflops``, else ``PEAK_TFLOPS`` by the
+    device kind, else None (no fraction is reported)."""
+    if given_tflops:
+        return given_tflops * 1e12
+    for part, tflops in PEAK_TFLOPS.items():
+        if part in device_kind:
+            return tflops * 1e12
+    return None
+
+
 def add_arguments(parser):
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's bfloat16 peak (default: by device kind, "
+                             "PEAK_TFLOPS)")
     parser.add_argument("--batch", type=int, default=None,
                         help="examples per model training step (default 64; 2 with --smoke)")
     parser.add_argument("--memory-budget-mb", type=float, default=None,
@@ -109,7 +133,9 @@ def main():
     memory_budget = (args.memory_budget_mb * 2**20 if args.memory_budget_mb is not None
                      else device_memory_budget())
     start = time.perf_counter()
-    layers = local_formulations.formulation_rows(shapes, runs=runs, dtype=jnp.bfloat16)
+    peak = peak_flops(jax.devices()[0].device_kind, args.peak_tflops)
+    layers = local_formulations.formulation_rows(shapes, FORMULATIONS, runs=runs,
+                                                 dtype=jnp.bfloat16, peak_flops=peak)
     layer_seconds = time.perf_counter() - start
     model_table = model_rows(specs, size, batch, runs, memory_budget)
     common.print_table(layers, local_formulations.COLUMNS)
@@ -119,6 +145,7 @@ def main():
                                      "train_memory_mb", "train_memory_vs_baseline",
                                      "inference_ex_s", "train_compile_s", "status"])
     settings = dict(dtype="bfloat16", runs=runs, model_batch=batch, model_size=size,
+                    device_kind=jax.devices()[0].device_kind, peak_flops=peak,
                     memory_budget_mb=memory_budget / 2**20, smoke=args.smoke,
                     layer_seconds=layer_seconds,
                     seconds=time.perf_counter() - start,

@@ -83,12 +83,15 @@ def _versus_fastest(shape_rows, mode, time_key, memory_key):
 
 
 def formulation_rows(shapes, formulations=FORMULATIONS, runs=3, dtype=jnp.float32,
-                     backend=None):
+                     backend=None, peak_flops=None):
     """One row per (shape, formulation): forward and training ms, their compiled
     temporaries and the ratios to "conv". The rows of the formulations "auto" resolves to
     (for ``backend``, default the current one) have ``default_train`` or
     ``default_inference`` set, the training bounds checked and the time over the fastest
-    formulation within the mode's memory bound (``train_vs_fastest``, ``forward_vs_fastest``)."""
+    formulation within the mode's memory bound (``train_vs_fastest``, ``forward_vs_fastest``).
+    With ``peak_flops`` (the device's rate, FLOP/s), every row has ``forward_peak_fraction``
+    and ``train_peak_fraction``: the FLOPs of the paper's formulation ("conv", XLA's cost
+    analysis) over the row's time, as a fraction of that rate."""
     rows = []
     for shape in shapes:
         defaults = _defaults(shape, backend)
@@ -117,6 +120,10 @@ def formulation_rows(shapes, formulations=FORMULATIONS, runs=3, dtype=jnp.float3
                 continue
             row["forward_ms"] = 1e3 * seconds[implementation, "forward"]
             row["train_ms"] = 1e3 * seconds[implementation, "train"]
+            if peak_flops and conv.get("status") == "ok":
+                for mode in ("forward", "train"):
+                    row[f"{mode}_peak_fraction"] = (cases["conv", mode]["flops"]
+                                                    / seconds[implementation, mode] / peak_flops)
             if conv.get("status") == "ok":
                 row["train_vs_conv"] = (seconds[implementation, "train"]
                                         / seconds["conv", "train"])
@@ -144,7 +151,8 @@ def formulation_rows(shapes, formulations=FORMULATIONS, runs=3, dtype=jnp.float3
 COLUMNS = ["layer", "implementation", "default_train", "default_inference", "forward_ms",
            "train_ms", "forward_temp_mb", "train_temp_mb", "forward_vs_conv", "train_vs_conv",
            "forward_memory_vs_conv", "memory_vs_conv", "time_bound", "within_bounds",
-           "forward_vs_fastest", "train_vs_fastest", "status"]
+           "forward_vs_fastest", "train_vs_fastest", "forward_peak_fraction",
+           "train_peak_fraction", "status"]
 
 
 def main():

@@ -12,14 +12,14 @@ from xla_test_flags import FAST_COMPILE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_smoke(script, out_dir, name=None, plot=True):
+def _run_smoke(script, out_dir, name=None, plot=True, extra=()):
     env = dict(os.environ, PYTHONPATH=ROOT)
     # One device, as users run them; unoptimised, since a smoke run checks the script and
     # not its timings.
     env["XLA_FLAGS"] = FAST_COMPILE
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", "--out",
-         str(out_dir)],
+         str(out_dir), *extra],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -100,11 +100,11 @@ def test_models_smoke(tmp_path):
     assert "| model | size |" in stdout
 
 
-def _check_formulation_rows(rows, shapes):
+def _check_formulation_rows(rows, shapes, formulations=("tiled", "banded", "shift", "conv")):
     assert {row["layer"] for row in rows} == shapes
     for layer in shapes:
         by_implementation = {row["implementation"]: row for row in rows if row["layer"] == layer}
-        assert set(by_implementation) == {"tiled", "banded", "shift", "conv"}
+        assert set(by_implementation) == set(formulations)
         assert [name for name, row in by_implementation.items()
                 if row["default_train"]] == ["tiled"]
         assert [name for name, row in by_implementation.items()
@@ -141,9 +141,15 @@ def test_local_formulations_smoke(tmp_path):
 @pytest.mark.slow
 def test_accelerator_smoke(tmp_path):
     payload, stdout = _run_smoke("accelerator.py", tmp_path, name="accelerator_cpu_smoke",
-                                 plot=False)
+                                 plot=False, extra=("--peak-tflops", "1"))
     assert payload["settings"]["dtype"] == "bfloat16" and payload["settings"]["smoke"]
-    _check_formulation_rows(payload["layers"], {"8x8x16 r=5 u=1"})
+    _check_formulation_rows(payload["layers"], {"8x8x16 r=5 u=1"},
+                            ("tiled", "banded", "shift", "conv", "pallas"))
+    assert payload["settings"]["peak_flops"] == 1e12  # --peak-tflops 1
+    # The same FLOPs (the lambda convolution's) over each formulation's time.
+    for mode in ("forward", "train"):
+        flops = {row[f"{mode}_peak_fraction"] * row[f"{mode}_ms"] for row in payload["layers"]}
+        assert max(flops) == pytest.approx(min(flops)) and min(flops) > 0
     models = payload["models"]
     assert [row["model"] for row in models] == ["one-block convolution", "one-block lambda"]
     assert models[0]["train_vs_baseline"] == 1.0
