@@ -153,3 +153,21 @@ def test_the_autotune_command_fills_the_cache_for_every_local_layer(tmp_path):
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert all(row["from_cache"] for row in json.loads(out.read_text())["rows"])
+
+
+def test_load_model_takes_autotune_and_computes_the_same(tmp_path, monkeypatch):
+    import lambda_jax
+
+    monkeypatch.setenv("LAMBDA_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    model = lambda_jax.create_model("lambda_resnet_tiny", num_classes=3)
+    images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images, train=False)
+    path = lambda_jax.save_model(tmp_path / "tiny.safetensors", "lambda_resnet_tiny",
+                                 variables, num_classes=3)
+    tuned, loaded = lambda_jax.load_model("lambda_resnet_tiny", path,
+                                          lambda_implementation="autotune")
+    assert tuned.lambda_implementation == "autotune"
+    assert jnp.allclose(tuned.apply(loaded, images, train=False),
+                        model.apply(variables, images, train=False), atol=1e-4)
+    with pytest.raises(ValueError, match="stride_pool"):
+        lambda_jax.load_model("lambda_resnet_tiny", path, stride_pool="2x2")

@@ -69,8 +69,9 @@ def load_model(name: Optional[str], weights: PathLike,
           training there. Needs orbax-checkpoint (the training extra).
       **overrides: settings passed to :func:`lambda_jax.create_model` (``num_classes``,
         ``dtype``, ...). For an export or a workdir they go on top of the recorded ones, and
-        only ``dtype``, ``param_dtype``, ``axis_name``, ``drop_path_rate`` and
-        ``dropout_rate`` may differ from them.
+        only ``dtype``, ``param_dtype``, ``axis_name``, ``drop_path_rate``,
+        ``dropout_rate`` and ``lambda_implementation`` (every formulation computes the same
+        layer, e.g. ``"autotune"``) may differ from them.
 
     Returns:
       ``(model, variables)``: ``model.apply(variables, images)`` with ``images

@@ -15,7 +15,7 @@ from lambda_jax.models.registry import create_model
 # Settings that change how a model computes or trains, not what its variables are or mean:
 # load_model may give them other values than an export records.
 RUNTIME_SETTINGS = frozenset({"dtype", "param_dtype", "axis_name", "drop_path_rate",
-                              "dropout_rate"})
+                              "dropout_rate", "lambda_implementation"})
 
 
 def encode(value: Any, setting: str) -> Any:
