@@ -30,6 +30,7 @@ from lambda_jax.models import (
     SANSlot,
     registry,
     resnet,
+    slot as slot_lib,
 )
 
 
@@ -309,7 +310,7 @@ def test_model_settings_record_what_the_model_computes():
 
 
 def test_a_new_slot_kind_is_one_class(monkeypatch):
-    monkeypatch.setattr(resnet, "_SLOT_CLASSES", dict(resnet._SLOT_CLASSES))
+    monkeypatch.setattr(slot_lib, "_SLOT_CLASSES", dict(slot_lib._SLOT_CLASSES))
 
     @dataclasses.dataclass(frozen=True)
     class DenseSlot(resnet.Slot, kind="dense"):

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from lambda_jax.layers import position as position_lib
-from lambda_jax.layers.attention import windows
 from lambda_jax.layers.norm import batch_norm
+from lambda_jax.layers.windows import windows
 
 
 class PatchwiseSelfAttention(nn.Module):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from lambda_jax.layers.lambda_layer import LambdaLayer
 from lambda_jax.models.families import ARCHITECTURES
 from lambda_jax.models.registry import build_model, register_model
-from lambda_jax.models.resnet import lambda_implementation_setting
+from lambda_jax.models.slot_kinds import lambda_implementation_setting
 
 ModuleDef = Any
 

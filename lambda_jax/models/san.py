@@ -42,9 +42,9 @@ import jax.numpy as jnp
 
 from lambda_jax.layers.norm import batch_norm
 from lambda_jax.layers.san import PatchwiseSelfAttention
+from lambda_jax.models.blocks import classifier_logits
 from lambda_jax.models.families import ARCHITECTURES
 from lambda_jax.models.registry import build_model, register_model
-from lambda_jax.models.resnet import classifier_logits
 
 SAN_WIDTHS = (64, 256, 512, 1024, 2048)
 SAN_KERNEL_SIZES = (3, 7, 7, 7, 7)
