@@ -124,7 +124,8 @@ def test_pallas_trains_a_lambda_resnet_for_one_step_as_conv_does():
         value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"],
                                                          variables["batch_stats"])
         losses[implementation] = float(value)
-        norms[implementation] = float(optax.global_norm(grads))
+        norms[implementation] = float(jnp.sqrt(sum(jnp.vdot(g, g)
+                                                    for g in jax.tree.leaves(grads))))
     assert jnp.isfinite(losses["pallas"]) and jnp.isfinite(norms["pallas"])
     assert losses["pallas"] == pytest.approx(losses["conv"], rel=1e-4)
     assert norms["pallas"] == pytest.approx(norms["conv"], rel=1e-3)
