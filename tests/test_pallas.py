@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lambda_jax.core.position.pallas import pallas_position_output
-from lambda_jax.layers.position import lambda_convolution
+from lambda_jax.core.position import lambda_convolution
 
 
 def _reference(queries, values, kernel):

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers import pooling
+from lambda_jax.core import pooling
 from lambda_jax.layers.attention_ops import check_multiple_of_heads
 from lambda_jax.layers.conv import he_conv
 from lambda_jax.layers.relative_attention import RelativeSelfAttention
@@ -44,7 +44,7 @@ class AttentionAugmentedConv(nn.Module):
       kernel_size: side of the convolution's kernel.
       strides: 1 or 2.
       stride_pool: the downsampling of the attention input when ``strides=2``, one of
-        :data:`lambda_jax.layers.pooling.STRIDE_POOLS`.
+        :data:`lambda_jax.core.pooling.STRIDE_POOLS`.
       dtype: compute dtype (``None``: from the input and the parameters).
       param_dtype: parameter dtype.
     """

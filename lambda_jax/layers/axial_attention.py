@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lambda_jax.core import position as position_lib
 from lambda_jax.layers import attention_ops
-from lambda_jax.layers import position as position_lib
 
 
 class AxialSelfAttention(nn.Module):

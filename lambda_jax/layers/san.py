@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers import position as position_lib
+from lambda_jax.core import position as position_lib
 from lambda_jax.layers.norm import batch_norm
 from lambda_jax.layers.windows import windows
 

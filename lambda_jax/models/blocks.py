@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers import pooling
+from lambda_jax.core import pooling
 from lambda_jax.layers.conv import fixed_padding, he_conv
 from lambda_jax.layers.norm import batch_norm
 from lambda_jax.models.slot import Slot
@@ -88,7 +88,7 @@ class Bottleneck(nn.Module):
       width: channels of the slot (the bottleneck width).
       slot: what sits in the 3x3 slot; it builds its layer (:meth:`Slot.build`).
       stride: 1 or 2.
-      stride_pool: the average pooling (one of ``lambda_jax.layers.pooling.STRIDE_POOLS``)
+      stride_pool: the average pooling (one of ``lambda_jax.core.pooling.STRIDE_POOLS``)
         after a slot layer that does not stride itself, in a strided block.
       expansion: output channels are ``width * expansion``.
       se_ratio: squeeze-excitation width as a fraction of the output channels (0: none).

@@ -6,7 +6,7 @@ paper's tables has one name and aliases (:func:`~lambda_jax.models.registry.regi
 :data:`ARCHITECTURES` holds each name's model fields (:mod:`lambda_jax.models.byoanet` and
 :mod:`lambda_jax.models.san` add theirs), a ``description`` and the intended image side
 ``resolution``. Every ResNet here records its stride pooling in its fields,
-``stride_pool="3x3"`` (the paper's, see :mod:`lambda_jax.layers.pooling`).
+``stride_pool="3x3"`` (the paper's, see :mod:`lambda_jax.core.pooling`).
 
 * Table 3, Table 4, the hybrid-placement table and the ablation over k, h and u: a plain
   ResNet-50 (7x7 stem, no squeeze-excitation, no ResNet-D) at 224x224 whose 3x3 slots hold

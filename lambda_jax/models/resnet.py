@@ -13,7 +13,7 @@ A stride-2 block whose slot is a lambda layer, attention (global, local or axial
 applies the layer at full resolution and then the 3x3 average pool with stride 2 of
 ``ResNet.stride_pool`` ("3x3 average-pooling with stride 2 after the lambda layers ... in
 place of the strided convolution", the paper's appendix; the padding is chosen in
-:mod:`lambda_jax.layers.pooling`). An attention-augmented convolution strides its
+:mod:`lambda_jax.core.pooling`). An attention-augmented convolution strides its
 convolution and attends over its input average-pooled 3x3 with stride 2.
 
 With the ResNet-RS options (Bello et al. 2021, "Revisiting ResNets", arXiv 2103.07579), the
@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lambda_jax.layers import pooling
+from lambda_jax.core import pooling
 from lambda_jax.layers.lambda_layer import SharedPositionEmbeddings
 from lambda_jax.models.blocks import (
     STEMS,
@@ -87,9 +87,9 @@ class ResNet(nn.Module):
         (see :func:`resolve_stage_slots`).
       stride_pool: how a strided block whose slot layer does not stride itself (lambda
         layers, attention, SAN) downsamples after the layer, one of
-        ``lambda_jax.layers.pooling.STRIDE_POOLS``: ``"3x3"``, the paper's 3x3 average pool
+        ``lambda_jax.core.pooling.STRIDE_POOLS``: ``"3x3"``, the paper's 3x3 average pool
         with stride 2 with TensorFlow's "SAME" padding (the evidence is in
-        :mod:`lambda_jax.layers.pooling`), or ``"3x3_symmetric"``, one cell of padding on
+        :mod:`lambda_jax.core.pooling`), or ``"3x3_symmetric"``, one cell of padding on
         each side (the only pooling of lambda_jax's ResNets before this field: set it to
         use their checkpoints; the two differ on even sizes), or ``"2x2"``.
       lambda_implementation: the local formulation of every lambda slot that sets none (one
