@@ -234,3 +234,27 @@ def test_two_processes_use_process_0s_choice(tmp_path, monkeypatch):
         assert report["name"] == report["again"] == "matmul"
         assert report["again_from_cache"]
     assert reports[0]["compiled"] == 2 and reports[1]["compiled"] == 0
+
+
+def _broken(a, b):
+    """``matmul`` as a Pallas kernel compiled (not interpreted), which the CPU backend
+    cannot lower: a candidate that fails on the device, as an untested kernel may."""
+    import jax.experimental.pallas as pl
+
+    def kernel(a_ref, b_ref, out_ref):
+        out_ref[...] = a_ref[...] @ b_ref[...]
+
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(a.shape, a.dtype))(a, b)
+
+
+def test_a_candidate_that_fails_on_the_device_is_left_out_with_a_warning(cache_dir):
+    candidates = {**CANDIDATES, "broken": _broken}
+    with pytest.warns(UserWarning, match="candidate 'broken' failed on .* left out"):
+        choice = autotune.choose(candidates, ARGS, **OPTIONS)
+    assert choice.name == "matmul"
+    broken = choice.measurements["broken"]
+    assert broken["seconds"] == float("inf") and not broken["within_bound"]
+    autotune.forget()
+    again = autotune.choose(candidates, ARGS, **OPTIONS)  # from the file, infinity and all
+    assert again.from_cache and again.name == "matmul"
+    assert again.measurements["broken"]["seconds"] == float("inf")

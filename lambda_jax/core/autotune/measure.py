@@ -11,6 +11,7 @@ the same for every formulation, the temporaries are what the formulations change
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -76,14 +77,28 @@ def _temporaries(compiled: jax.stages.Compiled, name: str) -> int:
     return int(analysis.temp_size_in_bytes)
 
 
+def _ready(program, shapes, values, device, name: str, reference: str):
+    """The compiled program after one warm-up call, or None (with a warning) when a candidate
+    other than the reference fails to compile or run on ``device``: a formulation that this
+    backend cannot lower is left out rather than stopping the caller's program."""
+    try:
+        compiled = _compile(program, shapes, device)
+        jax.block_until_ready(compiled(*values))
+    except Exception as error:  # any lowering, compile or runtime failure of the candidate
+        if name == reference:
+            raise
+        warnings.warn(f"autotune: candidate {name!r} failed on {device.device_kind} and is "
+                      f"left out: {type(error).__name__}: {error}", stacklevel=2)
+        return None
+    return compiled
+
+
 def _median_seconds(compiled: Mapping[str, jax.stages.Compiled],
                     values: Sequence) -> dict[str, float]:
-    """Median wall time per candidate: a warm-up call each, then rounds in which the
+    """Median wall time per candidate, after their warm-up calls: rounds in which the
     candidates take turns (each round starts one later), so that a slow spell of the
     machine falls on all of them rather than on one."""
     names = list(compiled)
-    for name in names:
-        jax.block_until_ready(compiled[name](*values))
     times = {name: [] for name in names}
     for round_ in range(MAX_ROUNDS):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
@@ -105,7 +120,8 @@ def measure(candidates: Mapping[str, Callable[..., jax.Array]],
       structure, shapes and dtypes).
     args: the arguments' shapes and dtypes, floating point.
     mode: "train" (value and vjp) or "inference" (forward).
-    Returns {name: Measurement}, the within_bound flags relative to ``reference``.
+    Returns {name: Measurement}, the within_bound flags relative to ``reference``; a
+    candidate that fails on the device has infinite seconds and is not within the bound.
     """
     for i, a in enumerate(args):
         if not np.issubdtype(a.dtype, np.inexact):
@@ -123,10 +139,13 @@ def measure(candidates: Mapping[str, Callable[..., jax.Array]],
         leaves, tree = jax.tree.flatten(output)
         cotangent = tree.unflatten(_random_values(leaves, COTANGENT_SEED, device))
         values, shapes = (tuple(values), cotangent), (tuple(args), output)
-    compiled = {name: _compile(_program(f, mode), shapes, device)
-                for name, f in candidates.items()}
+    ready = {name: _ready(_program(f, mode), shapes, values, device, name, reference)
+             for name, f in candidates.items()}
+    compiled = {name: c for name, c in ready.items() if c is not None}
     memory = {name: _temporaries(c, name) for name, c in compiled.items()}
     seconds = _median_seconds(compiled, values)
     allowed = within_bound(memory, reference, memory_bound)
+    failed = Measurement(seconds=float("inf"), memory_bytes=0, within_bound=False)
     return {name: Measurement(seconds=seconds[name], memory_bytes=memory[name],
-                              within_bound=allowed[name]) for name in candidates}
+                              within_bound=allowed[name]) if name in compiled else failed
+            for name in candidates}
