@@ -3,8 +3,11 @@ unoptimised (``xla_test_flags``), and a persistent compilation cache that the te
 processes, the train.py subprocesses and the notebook kernels share, so a program compiled
 once is not compiled again in the same run."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 from xla_test_flags import cpu_flags
 
@@ -16,6 +19,10 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# implementation="autotune" writes its decisions here rather than in the user's home; tests
+# of the cache itself set their own directory.
+os.environ["LAMBDA_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="lambda_jax_autotune_")
+atexit.register(shutil.rmtree, os.environ["LAMBDA_JAX_CACHE_DIR"], ignore_errors=True)
 
 # The files that take longest, longest first: with one file per worker (pytest-xdist's
 # loadfile), the workers then finish at about the same time.
