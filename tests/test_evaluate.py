@@ -22,6 +22,7 @@ from lambda_jax import evaluation
 from lambda_jax.data import preprocessing
 from lambda_jax.data.input_pipeline import EvalPreprocess
 from lambda_jax.train import CheckpointError, Checkpointer, train_and_evaluate
+from lambda_jax.weights import fitting as weights_fitting
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "lambda_resnet_tiny"
@@ -88,7 +89,7 @@ def test_a_global_model_at_another_size_runs_with_its_tables_resized(run):
     assert loaded.image_size == (SIDE, SIDE) and loaded.channels == 1
     _, resized = evaluation.resize_to(loaded, 24)
     tables = {key: (leaf.shape[:2], resized_leaf.shape[:2]) for (key, leaf), resized_leaf in
-              zip(lambda_jax.weights._flat(loaded.variables).items(), jax.tree.leaves(resized))
+              zip(weights_fitting.flat(loaded.variables).items(), jax.tree.leaves(resized))
               if key.endswith("relative_embeddings")}
     # c4's lambda input is half the image side (8 -> 12), c5's a quarter (4 -> 6).
     assert sorted(tables.values()) == [((7, 7), (11, 11)), ((15, 15), (23, 23))]

@@ -31,8 +31,6 @@ checks the settings a model was created with.
 
 from lambda_jax.weights.base import ModelWeights, PathLike
 from lambda_jax.weights.export import save_model
-# tests/test_evaluate.py compares loaded variables key by key through it.
-from lambda_jax.weights.fitting import flat as _flat  # noqa: F401
 from lambda_jax.weights.load import load_layer, load_model, open_weights
 
 __all__ = [
