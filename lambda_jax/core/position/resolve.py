@@ -61,13 +61,13 @@ def resolve_local_implementation(
       memory analysis of a layer's gradient step) is 0.3-0.85x ``"conv"``'s at every lambda
       shape of the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4;
       at most 1.25x is asserted by tests/test_memory.py), where ``"banded"`` takes 1.6-5.2x.
-      On CPU it is also the fastest formulation at the r=23 shapes but the 7x7 one; at the
-      r=7, u=4 shapes ``"banded"`` or ``"shift"`` trains up to 1.35x faster at 1.7-3.5x
-      ``"conv"``'s memory (benchmarks/README.md, ``benchmarks/local_formulations.py``).
+      On 2 EPYC cores it is the fastest formulation within that bound at all 14 shapes;
+      ``"banded"`` or ``"shift"``, at 1.7-2.9x ``"conv"``'s memory, train at most 1.09x faster
+      (benchmarks/README.md, ``benchmarks/local_formulations.py``).
     * images, inference, CPU: ``"shift"`` while ``r * r * u <= SHIFT_MAX_OFFSETS``, else
       ``"tiled"``. With no backward pass, the shifted sums (h*(k+v) multiply-adds per
       offset instead of k*v) are the fastest forward at small scopes (r=9, u=1: 1.6x faster
-      than ``"tiled"`` on a 2-core Xeon, as fast on 2 EPYC cores) at about half of
+      than ``"tiled"`` on a 2-core Xeon, 1.1x on 2 EPYC cores) at about half of
       ``"conv"``'s memory; past that their unrolled terms make ``"tiled"`` faster.
     * images, GPU and TPU, both modes: ``"tiled"``. No measurement exists yet; all of its
       work is dense matrix products (which run on the tensor cores and the MXU) and it
