@@ -60,6 +60,13 @@ def test_run_defining_fields_are_reported_and_execution_fields_are_not():
     assert config_changes(saved, changed.to_dict()) == {
         "image_size": (16, 32), "num_train_steps": (-1, 44), "optimizer": ("sgd", "adamw")}
     assert set(MAY_CHANGE_ON_RESUME) <= set(saved)  # each named field exists
+    # The local formulation may change (e.g. to "autotune"); the model's other overrides not.
+    tuned = _config()
+    tuned.model_overrides.lambda_implementation = "autotune"
+    assert config_changes(saved, tuned.to_dict()) == {}
+    other = _config()
+    other.model_overrides.stride_pool = "2x2"
+    assert set(config_changes(saved, other.to_dict())) == {"model_overrides"}
 
 
 def test_a_non_finite_loss_names_its_step():

@@ -36,6 +36,9 @@ MAY_CHANGE_ON_RESUME = (
     "num_workers",
     "parallelism",
 )
+# Model overrides that say how the model computes, not what it is: every local formulation of
+# the lambda layer computes the same function with the same variables.
+MODEL_OVERRIDES_MAY_CHANGE = ("lambda_implementation",)
 
 
 class ConfigChangeError(CheckpointError):
@@ -109,7 +112,12 @@ def check_data_size(config: ml_collections.ConfigDict, num_train_examples: int) 
 
 def run_defining(config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of ``config`` (a dict) that must not change on resume."""
-    return {k: v for k, v in config.items() if k not in MAY_CHANGE_ON_RESUME}
+    defining = {k: v for k, v in config.items() if k not in MAY_CHANGE_ON_RESUME}
+    overrides = defining.get("model_overrides")
+    if isinstance(overrides, Mapping):
+        defining["model_overrides"] = {k: v for k, v in overrides.items()
+                                       if k not in MODEL_OVERRIDES_MAY_CHANGE}
+    return defining
 
 
 def config_changes(saved: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, tuple]:
