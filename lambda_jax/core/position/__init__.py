@@ -26,6 +26,7 @@ from lambda_jax.core.position.output import (
     local_position_output,
 )
 from lambda_jax.core.position.resolve import (
+    BANDED_MAX_POSITIONS,
     IMAGE_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     LAMBDA_IMPLEMENTATIONS,
@@ -41,6 +42,7 @@ from lambda_jax.core.position.shift import shifted_position_output
 from lambda_jax.core.position.tiled import tiled_position_output
 
 __all__ = [
+    "BANDED_MAX_POSITIONS",
     "IMAGE_IMPLEMENTATIONS",
     "IMPLEMENTATIONS",
     "LAMBDA_IMPLEMENTATIONS",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -21,6 +22,9 @@ SHIFT_MAX_OFFSETS = 169
 # Past this many kernel offsets times u, compiling "shift" takes over a minute (on CPU, at
 # the Table 3 layers), so "autotune" does not try it.
 SHIFT_MAX_COMPILED_OFFSETS = 289
+# In CPU inference, images of at most this many positions use "banded": a tile there is one
+# of a few rows and "tiled"'s per-tile work dominates.
+BANDED_MAX_POSITIONS = 64
 # The most compiled memory (XLA's temporaries) a formulation may take, as a multiple of
 # "conv"'s, by mode: a training step keeps the paper's memory; inference, which keeps no
 # activations for a backward pass, may take twice it.
@@ -62,10 +66,12 @@ def resolve_local_implementation(
       shape of the Table 3 ResNet-50s and the LambdaResNets (r=23 with u=1, r=7 with u=4;
       at most 1.25x is asserted by tests/test_memory.py), where ``"banded"`` takes 1.6-5.2x.
       On 2 EPYC cores it is the fastest formulation within that bound at all 14 shapes;
-      ``"banded"`` or ``"shift"``, at 1.7-2.9x ``"conv"``'s memory, train at most 1.09x faster
+      ``"banded"`` or ``"shift"``, at 1.7-2.9x ``"conv"``'s memory, train at most 1.1x faster
       (benchmarks/README.md, ``benchmarks/local_formulations.py``).
-    * images, inference, CPU: ``"shift"`` while ``r * r * u <= SHIFT_MAX_OFFSETS``, else
-      ``"tiled"``. With no backward pass, the shifted sums (h*(k+v) multiply-adds per
+    * images, inference, CPU: ``"shift"`` while ``r * r * u <= SHIFT_MAX_OFFSETS``; else
+      ``"banded"`` for images of at most ``BANDED_MAX_POSITIONS`` positions (7x7: 1.2x to
+      1.6x faster than ``"tiled"`` on 2 EPYC cores, at 1.5x ``"conv"``'s forward memory);
+      else ``"tiled"``. With no backward pass, the shifted sums (h*(k+v) multiply-adds per
       offset instead of k*v) are the fastest forward at small scopes (r=9, u=1: 1.6x faster
       than ``"tiled"`` on a 2-core Xeon, 1.1x on 2 EPYC cores) at about half of
       ``"conv"``'s memory; past that their unrolled terms make ``"tiled"`` faster.
@@ -109,7 +115,11 @@ def resolve_local_implementation(
     backend = jax.default_backend() if backend is None else backend
     few_offsets = receptive_field ** len(spatial) * dim_u <= SHIFT_MAX_OFFSETS
     if len(spatial) == 2:
-        return "shift" if mode == "inference" and backend == "cpu" and few_offsets else "tiled"
+        if mode == "train" or backend != "cpu":
+            return "tiled"
+        if few_offsets:
+            return "shift"
+        return "banded" if math.prod(spatial) <= BANDED_MAX_POSITIONS else "tiled"
     return "shift" if backend == "cpu" and few_offsets else "conv"
 
 
