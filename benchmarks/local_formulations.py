@@ -72,14 +72,12 @@ def _defaults(shape, backend) -> dict[str, str]:
         mode=mode) for mode in position.MODES}
 
 
-def _versus_fastest(shape_rows, mode, time_key, memory_key):
-    """The default's time in ``mode`` over the fastest formulation's within the bound."""
+def _fastest_within_bound(shape_rows, mode, time_key, memory_key) -> float:
+    """The least time in ``mode`` among the formulations within that mode's memory bound."""
     bound = position.MEMORY_BOUNDS[mode]
     conv_memory = shape_rows["conv"][memory_key]
-    allowed = [row[time_key] for row in shape_rows.values()
-               if row["status"] == "ok" and row[memory_key] <= bound * conv_memory]
-    default = next(row for row in shape_rows.values() if row[f"default_{mode}"])
-    return default[time_key] / min(allowed)
+    return min(row[time_key] for row in shape_rows.values()
+               if row["status"] == "ok" and row[memory_key] <= bound * conv_memory)
 
 
 def formulation_rows(shapes, formulations=FORMULATIONS, runs=3, dtype=jnp.float32,
@@ -139,9 +137,10 @@ def formulation_rows(shapes, formulations=FORMULATIONS, runs=3, dtype=jnp.float3
         if conv.get("status") == "ok":
             for mode, time_key, memory_key in (("train", "train_ms", "train_temp_mb"),
                                                ("inference", "forward_ms", "forward_temp_mb")):
-                ratio = _versus_fastest(shape_rows, mode, time_key, memory_key)
-                default = next(row for row in shape_rows.values() if row[f"default_{mode}"])
-                default[f"{time_key.removesuffix('_ms')}_vs_fastest"] = ratio
+                default = shape_rows[defaults[mode]]
+                default[f"{time_key.removesuffix('_ms')}_vs_fastest"] = (
+                    default[time_key] / _fastest_within_bound(shape_rows, mode, time_key,
+                                                              memory_key))
         for row in shape_rows.values():
             rows.append(row)
             print(row, flush=True)

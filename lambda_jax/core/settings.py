@@ -224,7 +224,3 @@ class CausalSettings(LambdaFields):
                              f"input of shape {tuple(x.shape)}.")
         check_input_shape("CausalLambdaLayer", x)
 
-
-def settings_of(module: Any, kind: type) -> Any:
-    """The settings ``kind`` (a dataclass above) of an object that has its fields."""
-    return kind(**{field.name: getattr(module, field.name) for field in dataclasses.fields(kind)})

@@ -18,7 +18,6 @@ from lambda_jax.core.settings import (
     STRIDE_POOLS,
     LambdaSettings,
     position_embedding_shape,
-    settings_of,
 )
 from lambda_jax.layers.norm import BatchNormVariables
 
@@ -121,17 +120,18 @@ class LambdaLayer(LambdaSettings, nn.Module):
     def settings(self) -> LambdaSettings:
         """The layer's fields but ``param_dtype``, as :func:`lambda_jax.functional.lambda_layer`
         takes them."""
-        return settings_of(self, LambdaSettings)
+        return LambdaSettings(**{field.name: getattr(self, field.name)
+                                 for field in dataclasses.fields(LambdaSettings)})
 
     def position_embedding_shape(self, spatial: tuple[int, ...]) -> Optional[tuple[int, ...]]:
         """The shape of the ``embeddings`` argument for inputs of spatial size ``spatial``
         (see :func:`position_embedding_shape`)."""
-        return self.settings.embedding_shape(spatial)
+        return self.embedding_shape(spatial)
 
     def _variables(self, x: jax.Array, context: jax.Array, embeddings: Optional[jax.Array]):
         """The layer's ``params`` (arrays) and ``batch_stats`` (variables), declared with the
         names and initialisers of the paper's layer."""
-        shapes = self.settings.param_shapes(x.shape[-1], context.shape[-1], tuple(x.shape[1:-1]))
+        shapes = self.param_shapes(x.shape[-1], context.shape[-1], tuple(x.shape[1:-1]))
         channels, context_channels = x.shape[-1], context.shape[-1]
         stddevs = {"query": (self.dim_k * channels) ** -0.5, "value": context_channels**-0.5,
                    "key": context_channels**-0.5}

@@ -53,18 +53,19 @@ def local_position_lambdas(
     )
 
 
+# The formulations that go straight to the output, by name (OUTPUT_IMPLEMENTATIONS).
+_OUTPUT_FORMULATIONS = {"shift": shifted_position_output, "tiled": tiled_position_output,
+                        "pallas": pallas_position_output}
+
+
 def position_output(queries: jax.Array, values: jax.Array, kernel: jax.Array,
                     implementation: str) -> jax.Array:
-    """The local position term by the formulation named ``implementation`` (not ``"auto"``
-    or ``"autotune"``): ``[batch, *spatial, h*v]`` from queries ``[batch, *spatial, h, k]``,
-    values ``[batch, *spatial, v, u]`` and the kernel ``[r, ..., r, k, u]``."""
-    if implementation == "shift":
-        return shifted_position_output(queries, values, kernel)
-    if implementation == "tiled":
-        return tiled_position_output(queries, values, kernel)
-    if implementation == "pallas":
-        check_images(implementation, values.shape[1:-2])
-        return pallas_position_output(queries, values, kernel)
+    """The local position term by a formulation that :func:`choose_local_implementation`
+    returned (so it fits the input's rank): ``[batch, *spatial, h*v]`` from queries
+    ``[batch, *spatial, h, k]``, values ``[batch, *spatial, v, u]`` and the kernel
+    ``[r, ..., r, k, u]``."""
+    if implementation in _OUTPUT_FORMULATIONS:
+        return _OUTPUT_FORMULATIONS[implementation](queries, values, kernel)
     batch, *spatial, heads, depth_k = queries.shape
     lambdas = local_position_lambdas(values, kernel, implementation)
     flat = queries.reshape(batch, math.prod(spatial), heads, depth_k)
